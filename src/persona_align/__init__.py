@@ -1,0 +1,1 @@
+"""persona-align: make dialogue models stay in character."""

@@ -1,0 +1,29 @@
+"""Errors that reach the user as one line: which file, where in it, which field, what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad input or configuration. The CLI prints ``str(err)`` and exits with code 2."""
+
+    def __init__(
+        self,
+        path: str | Path | None,
+        message: str,
+        *,
+        where: str | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.path = str(path) if path is not None else None
+        self.where = where
+        self.field = field
+        self.message = message
+        super().__init__(self.format())
+
+    def format(self) -> str:
+        head = ":".join(p for p in (self.path, self.where) if p)
+        body = f"field '{self.field}': {self.message}" if self.field else self.message
+        text = f"{head}: {body}" if head else body
+        return " ".join(text.split())  # always one line, whatever the message held

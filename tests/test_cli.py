@@ -5,6 +5,7 @@ import pytest
 
 from persona_align.cli import sample_path
 from persona_align.data import read_dialogues
+from persona_align.records import Candidate, read_records
 
 
 @pytest.mark.parametrize(
@@ -107,14 +108,16 @@ def test_validate_reports_first_bad_record(cli, tmp_path: Path) -> None:
     )
 
 
-def test_demo(
-    cli, tmp_path: Path, smollm2_tokenizer_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(smollm2_tokenizer_dir.parents[1]))
-    result = cli("demo", "--out", tmp_path / "demo", "--json")
+def test_demo(cli, tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
+    result = cli("demo", "--out", tmp_path / "demo", "--model", tiny_llama_dir, "--json")
     assert result.code == 0, result.err
     stages = result.summary["stages"]
     assert stages["data:train"]["records"] == 52 and stages["data:valid"]["records"] == 14
     assert (tmp_path / "demo" / "dialogues-train.jsonl").exists()
-    assert stages["prompting"]["model"] == "embedded"
-    assert [row["lenient"] is not None for row in stages["extraction"]] == [True, True, False]
+    generated = stages["generate"]["responders"][tiny_llama_dir.name]
+    assert generated["candidates"] == 14
+    candidates = read_records(tmp_path / "demo" / "candidates-valid.jsonl", Candidate)
+    assert [c.dialogue_id for c in candidates] == [
+        d.id for d in read_dialogues("jsonl", sample_path("valid"))
+    ]

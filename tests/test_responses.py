@@ -6,7 +6,7 @@ import pytest
 
 from persona_align.data.responses import import_responses
 from persona_align.errors import InputError
-from persona_align.prompting import persobench_prompt, prompt_hash
+from persona_align.prompting import messages_hash, persobench_messages
 from persona_align.records import Dialogue
 
 DIALOGUES = [
@@ -38,7 +38,7 @@ def test_row_aligned_csv(tmp_path: Path) -> None:
     assert [c.response for c in candidates] == ["La la.", "Do re mi.", None]
     assert [c.valid for c in candidates] == [True, True, False]
     assert [c.latency_s for c in candidates] == [1.5, None, 2.0]
-    assert candidates[0].prompt_hash == prompt_hash(persobench_prompt(DIALOGUES[0]))
+    assert candidates[0].prompt_hash == messages_hash(persobench_messages(DIALOGUES[0]))
     strict = import_responses(path, DIALOGUES, responder="m", extraction="strict")
     assert [c.valid for c in strict] == [True, False, False]
 

@@ -191,6 +191,147 @@ def data_formats(as_json: JsonFlag = False) -> None:
     _emit({"formats": {r.name: r.help for r in READERS.values()}}, as_json)
 
 
+def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any]]:
+    """``hf:MODEL``, ``openai:MODEL@BASE_URL`` or ``import:FILE`` into (kind, options)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise InputError(
+            None, f"responder spec {spec!r}: expected hf:MODEL, openai:MODEL@URL or import:FILE"
+        )
+    if kind == "hf":
+        return kind, {
+            "model": rest,
+            "dtype": defaults["dtype"],
+            "batch_size": defaults["batch_size"],
+        }
+    if kind == "openai":
+        model, _, base_url = rest.partition("@")
+        options = {k: defaults[k] for k in ("api_key_env", "concurrency", "timeout")}
+        return kind, {"model": model, "base_url": base_url or None, **options}
+    if kind == "import":
+        return kind, {"path": rest}
+    raise InputError(None, f"responder spec {spec!r}: unknown kind {kind!r} (hf, openai, import)")
+
+
+@app.command("generate")
+def generate(
+    config: Annotated[
+        Path | None, typer.Option(help="Pipeline YAML with a generate: section.")
+    ] = None,
+    responder: Annotated[
+        list[str],
+        typer.Option(
+            "--responder", "-r", help="hf:MODEL | openai:MODEL@URL | import:FILE (repeatable)."
+        ),
+    ] = [],  # noqa: B006
+    dialogues: Annotated[
+        Path | None, typer.Option("--dialogues", "-d", help="Dialogue records.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Candidate file to write.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="hf: prompts per batch.")] = 8,
+    dtype: Annotated[str, typer.Option(help="hf: float32 | bfloat16 | float16.")] = "float32",
+    api_key_env: Annotated[
+        str, typer.Option(help="openai: variable that holds the API key.")
+    ] = "OPENAI_API_KEY",
+    concurrency: Annotated[int, typer.Option(help="openai: requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(help="openai: seconds per request.")] = 60.0,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Tokens to generate (PersoBench: 110).")
+    ] = 110,
+    temperature: Annotated[float, typer.Option(help="0 = greedy (PersoBench).")] = 0.0,
+    variant: Annotated[str, typer.Option(help="Prompt variant: vanilla | cot.")] = "vanilla",
+    system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
+    extraction: Annotated[str, typer.Option(help="lenient | strict JSON extraction.")] = "lenient",
+    cache: Annotated[
+        Path | None, typer.Option(help="SQLite cache (default: in the user cache folder).")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the cache.")
+    ] = False,
+    refresh: Annotated[
+        bool, typer.Option("--refresh", help="Regenerate everything, updating the cache.")
+    ] = False,
+    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
+    from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
+    from persona_align.generation import (
+        GenerationCache,
+        GenerationParams,
+        make_responder,
+        run_responder,
+    )
+    from persona_align.models import cache_dir
+
+    if config is not None:
+        if responder or dialogues or output:
+            raise InputError(None, "give either --config or --responder/--dialogues/-o, not both")
+        section = load_config(config).generate
+        if section is None:
+            raise InputError(config, "no generate: section")
+    else:
+        if not responder or dialogues is None or output is None:
+            raise InputError(None, "generate needs --config, or --responder, --dialogues and -o")
+        defaults = {
+            "dtype": dtype,
+            "batch_size": batch_size,
+            "api_key_env": api_key_env,
+            "concurrency": concurrency,
+            "timeout": timeout,
+        }
+        specs = [parse_responder_spec(spec, **defaults) for spec in responder]
+        try:
+            params_config = ParamsConfig(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                variant=variant,  # type: ignore[arg-type]
+                system=system,
+                extraction=extraction,  # type: ignore[arg-type]
+            )
+        except ValueError as err:
+            raise InputError(None, str(err).splitlines()[-1].strip()) from None
+        section = GenerateConfig(
+            dialogues=dialogues,
+            output=output,
+            responders=[ResponderConfig(kind=kind, **options) for kind, options in specs],
+            params=params_config,
+            cache=cache,
+            use_cache=not no_cache,
+        )
+    rows = read_dialogues("jsonl", section.dialogues)[:limit]
+    params = GenerationParams(**section.params.model_dump())
+    responders = [make_responder(r.kind, **r.options()) for r in section.responders]
+    for item in responders:  # a responder that cannot start fails before any work
+        item.prepare()
+    store = (
+        GenerationCache(section.cache or cache_dir() / "generations.sqlite")
+        if section.use_cache
+        else None
+    )
+    candidates: list[Candidate] = []
+    try:
+        for item in responders:
+            candidates += run_responder(
+                rows, item, params, store, refresh, None if as_json else console
+            )
+    finally:
+        if store is not None:
+            store.close()
+    write_records(section.output, candidates, Candidate)
+    summary = {"command": "generate", "output": str(section.output)} | describe(candidates)
+    if not as_json:
+        console.print(f"Wrote {len(candidates)} candidates to {section.output}")
+        for name, entry in summary["responders"].items():
+            console.print(
+                f"  {name}: {entry['valid']}/{entry['candidates']} valid, "
+                f"mean latency {entry['mean_latency_s']} s"
+            )
+    _emit(summary, as_json)
+
+
 def sample_path(split: str) -> Path:
     """The bundled sample dialogues (written for this project), ``train`` or ``valid``."""
     return Path(str(resources.files("persona_align") / "sample_data" / f"{split}.jsonl"))
@@ -202,22 +343,23 @@ def demo(
         "runs/demo"
     ),
     model: Annotated[
-        str, typer.Option(help="Model whose chat template renders the prompt.")
+        str, typer.Option(help="Model that answers (embedded, a directory or hub id).")
     ] = "embedded",
     as_json: JsonFlag = False,
 ) -> None:
     """Run every stage that exists so far on the bundled sample data and show what it made."""
-    from persona_align.models import load_tokenizer
-    from persona_align.prompting import (
-        extract_response,
-        persobench_messages,
-        prompt_hash,
-        render_chat,
+    from persona_align.generation import (
+        GenerationCache,
+        GenerationParams,
+        make_responder,
+        run_responder,
     )
+    from persona_align.models import cache_dir, load_tokenizer
+    from persona_align.prompting import persobench_messages, render_chat
 
     summary: dict[str, Any] = {"command": "demo", "out": str(out_dir), "stages": {}}
-    for split in ("train", "valid"):
-        dialogues = read_dialogues("jsonl", sample_path(split))
+    splits = {split: read_dialogues("jsonl", sample_path(split)) for split in ("train", "valid")}
+    for split, dialogues in splits.items():
         target = out_dir / f"dialogues-{split}.jsonl"
         write_records(target, dialogues, Dialogue)
         summary["stages"][f"data:{split}"] = {"output": str(target)} | describe(dialogues)
@@ -225,31 +367,39 @@ def demo(
             console.print(
                 _summary_table(f"sample {split} dialogues -> {target}", describe(dialogues))
             )
-    first = read_dialogues("jsonl", sample_path("valid"))[0]
+
+    first = splits["valid"][0]
     rendered = render_chat(load_tokenizer(model), persobench_messages(first))
-    summary["stages"]["prompting"] = {
-        "model": model,
-        "dialogue": first.id,
-        "prompt_hash": prompt_hash(rendered),
-    }
     if not as_json:
         console.rule(f"PersoBench prompt for {first.id}, through the chat template of {model!r}")
         console.print(rendered, markup=False, highlight=False, soft_wrap=True)
-        console.rule("response extraction")
-    examples = [
-        '{"response": "Sure, I keep bees."}',
-        'Response:\n{\n  "response": "My hives are calm today."\n}',
-        '{"response": "The honey harvest was cut off mid-',
-    ]
-    summary["stages"]["extraction"] = [
-        {"raw": raw, "lenient": extract_response(raw), "strict": extract_response(raw, "strict")}
-        for raw in examples
-    ]
+        console.rule(f"generate: {model!r} answers the {len(splits['valid'])} valid dialogues")
+
+    responder = make_responder("hf", model=model)
+    with GenerationCache(cache_dir() / "generations.sqlite") as cache:
+        candidates = run_responder(
+            splits["valid"],
+            responder,
+            GenerationParams(),
+            cache,
+            console=None if as_json else console,
+        )
+    target = out_dir / "candidates-valid.jsonl"
+    write_records(target, candidates, Candidate)
+    summary["stages"]["generate"] = {"output": str(target)} | describe(candidates)
     if not as_json:
-        for row in summary["stages"]["extraction"]:
-            console.print(
-                f"{row['raw']!r}\n  lenient -> {row['lenient']!r}   strict -> {row['strict']!r}"
-            )
+        table = Table(
+            "dialogue", "valid", "reply (or raw output when not valid)", title=str(target)
+        )
+        for c in candidates:
+            text = c.response if c.valid else c.raw
+            table.add_row(c.dialogue_id, "yes" if c.valid else "no", " ".join(text.split())[:100])
+        console.print(table)
+        entry = summary["stages"]["generate"]["responders"][responder.name]
+        console.print(
+            f"{entry['valid']}/{entry['candidates']} replies are valid PersoBench JSON; "
+            f"mean latency {entry['mean_latency_s']} s (reruns are served from {cache_dir()})"
+        )
     _emit(summary, as_json)
 
 

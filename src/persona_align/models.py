@@ -113,3 +113,62 @@ def load_tokenizer(name: str) -> Any:
         folder = _build_once(cache_dir() / embedded.slug / "tokenizer", build)
         return AutoTokenizer.from_pretrained(folder)
     return AutoTokenizer.from_pretrained(resolved.location)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _convert_gguf(resolved: ResolvedModel, target: Path) -> None:
+    """Dequantize the embedded GGUF into a plain float32 checkpoint that trains and saves.
+
+    transformers loads GGUF weights dequantized but keeps a GGUF quantizer attached, which
+    refuses ``save_pretrained`` and training; rebuilding the model from its config without
+    the quantization entry and copying the weights over removes it.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    assert resolved.embedded is not None
+    gguf = resolved.embedded.filename
+    loaded = AutoModelForCausalLM.from_pretrained(
+        resolved.location, gguf_file=gguf, dtype=torch.float32
+    )
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_model_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise RuntimeError(f"GGUF conversion lost weights: {missing} {unexpected}")
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(target)
+    AutoTokenizer.from_pretrained(resolved.location, gguf_file=gguf).save_pretrained(target)
+
+
+def model_dir(name: str) -> str:
+    """A directory (or hub id) that ``from_pretrained`` loads; converts the embedded model once."""
+    resolved = resolve(name)
+    if resolved.kind != "embedded":
+        return resolved.location
+    assert resolved.embedded is not None
+    folder = cache_dir() / resolved.embedded.slug / "float32"
+    return str(_build_once(folder, lambda tmp: _convert_gguf(resolved, tmp)))
+
+
+def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
+    """(model, tokenizer) for generation or training, in eval mode, on the CPU/GPU default."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise InputError(None, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    location = model_dir(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise InputError(None, f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    model.eval()
+    return model, tokenizer

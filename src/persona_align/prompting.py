@@ -103,6 +103,11 @@ def prompt_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def messages_hash(messages: Sequence[Message]) -> str:
+    """The hash of a chat prompt (``Candidate.prompt_hash``), independent of any chat template."""
+    return prompt_hash(json.dumps([m.model_dump() for m in messages], ensure_ascii=False))
+
+
 def _response_of(obj: Any) -> str | None:
     if isinstance(obj, dict):
         value = obj.get("response")

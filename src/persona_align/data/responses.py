@@ -17,8 +17,8 @@ from persona_align.prompting import (
     ExtractionMode,
     Variant,
     extract_response,
-    persobench_prompt,
-    prompt_hash,
+    messages_hash,
+    persobench_messages,
 )
 from persona_align.records import Candidate, Dialogue
 
@@ -59,7 +59,7 @@ def _candidate(
         response=response,
         valid=response is not None,
         latency_s=latency,
-        prompt_hash=prompt_hash(persobench_prompt(dialogue, variant)),
+        prompt_hash=messages_hash(persobench_messages(dialogue, variant)),
         error=error,
     )
 

@@ -1,0 +1,111 @@
+"""Run responders over dialogues: cached, resumable, with a progress bar, one Candidate each."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from persona_align.generation.base import GenerationParams, Request, Responder, Result
+from persona_align.generation.cache import GenerationCache, cache_key
+from persona_align.prompting import extract_response, messages_hash, persobench_messages
+from persona_align.records import Candidate, Dialogue
+
+
+def build_requests(
+    dialogues: Sequence[Dialogue], responder: Responder, params: GenerationParams
+) -> list[Request]:
+    """The PersoBench messages of every dialogue, with the cache key of this responder + params."""
+    settings = responder.settings()
+    # extraction changes what we read from the output, not the output: not part of the key
+    key_params = {k: v for k, v in params.as_dict().items() if k != "extraction"}
+    requests = []
+    for dialogue in dialogues:
+        messages = persobench_messages(dialogue, params.variant, params.word_limit, params.system)
+        phash = messages_hash(messages)
+        requests.append(Request(dialogue, messages, phash, cache_key(settings, key_params, phash)))
+    return requests
+
+
+def _to_candidate(
+    request: Request, result: Result, responder: Responder, params: GenerationParams
+) -> Candidate:
+    mode = getattr(responder, "extraction", None) or params.extraction
+    if result.error is not None:
+        response = None
+    elif mode == "none":  # imported files that already hold extracted replies
+        response = result.raw.strip() or None
+    else:
+        response = extract_response(result.raw, mode)
+    return Candidate(
+        dialogue_id=request.dialogue.id,
+        responder=responder.name,
+        raw=result.raw,
+        response=response,
+        valid=response is not None,
+        latency_s=result.latency_s,
+        prompt_hash=request.prompt_hash,
+        error=result.error,
+    )
+
+
+def run_responder(
+    dialogues: Sequence[Dialogue],
+    responder: Responder,
+    params: GenerationParams,
+    cache: GenerationCache | None = None,
+    refresh: bool = False,
+    console: Console | None = None,
+) -> list[Candidate]:
+    """One Candidate per dialogue, in dialogue order; only what the cache lacks is generated."""
+    requests = build_requests(dialogues, responder, params)
+    cacheable = cache is not None and getattr(responder, "cacheable", True)
+    results: dict[str, Result] = {}
+    if cacheable and not refresh:
+        results = cache.get_many(r.key for r in requests)  # type: ignore[union-attr]
+    if cacheable:
+        todo = list({r.key: r for r in requests if r.key not in results}.values())
+    else:
+        todo = requests  # e.g. imports, which are row-aligned with the whole list
+    if todo:
+        responder.prepare()
+        failures = 0
+        with Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("failures: {task.fields[failures]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=console is None,
+        ) as progress:
+            task = progress.add_task(responder.name, total=len(todo), rate="", failures=0)
+
+            def on_result(request: Request, result: Result) -> None:
+                nonlocal failures
+                results[request.key] = result
+                if cacheable:
+                    cache.put(request.key, responder.name, request.dialogue.id, result)  # type: ignore[union-attr]
+                failures += result.error is not None
+                progress.advance(task)
+                elapsed = progress.tasks[task].elapsed or 0.0
+                done = progress.tasks[task].completed
+                rate = f"{done / elapsed:.1f}/s" if elapsed > 0 else ""
+                progress.update(task, rate=rate, failures=failures)
+
+            responder.generate(todo, params, on_result)
+    missing = [r.dialogue.id for r in requests if r.key not in results]
+    if missing:
+        raise RuntimeError(f"responder {responder.name!r} returned no result for {missing[:3]}")
+    return [_to_candidate(r, results[r.key], responder, params) for r in requests]

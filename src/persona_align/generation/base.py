@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -97,7 +98,8 @@ def make_responder(kind: str, **options: Any) -> Responder:
         raise InputError(
             None, f"unknown responder {kind!r}; known: {', '.join(sorted(RESPONDERS))}"
         )
-    try:
-        return factory(**options)
+    try:  # check the options against the signature, so a TypeError inside stays a bug
+        inspect.signature(factory).bind(**options)
     except TypeError as err:
         raise InputError(None, f"responder {kind!r}: {err}") from None
+    return factory(**options)

@@ -7,7 +7,6 @@ start at the same position.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -21,20 +20,8 @@ from persona_align.generation.base import (
     Result,
     register_responder,
 )
-from persona_align.models import DTYPES, load_causal_lm, model_dir, resolve
+from persona_align.models import DTYPES, load_causal_lm, model_dir, model_version, resolve
 from persona_align.prompting import render_chat
-
-
-def _fingerprint(location: str) -> str:
-    """Names, sizes and mtimes of a local checkpoint: a changed checkpoint gets new cache keys."""
-    path = Path(location)
-    if not path.is_dir():
-        return location
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
 
 
 @register_responder("hf")
@@ -64,10 +51,7 @@ class HFResponder(Responder):
         self._tokenizer: Any = None
 
     def settings(self) -> dict[str, Any]:
-        resolved = resolve(self.model_name)
-        version = (
-            resolved.embedded.filename if resolved.embedded else _fingerprint(resolved.location)
-        )
+        version = model_version(self.model_name)
         return {
             "kind": self.kind,
             "model": self.model_name,

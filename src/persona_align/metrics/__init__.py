@@ -1,0 +1,17 @@
+"""Persona metrics behind one registry (``persona-align score --metrics ...``).
+
+Each metric is a module with ``@register_metric`` classes that declare the model they need;
+importing the module here registers them.
+"""
+
+from persona_align.metrics import (  # noqa: F401
+    bertscore,
+    coherence,
+    lexical,
+    lfc,
+    persona_distance,
+    similarity,
+)
+from persona_align.metrics.base import METRICS, Metric, ScoreItem, Unavailable, make_metric
+
+__all__ = ["METRICS", "Metric", "ScoreItem", "Unavailable", "make_metric"]

@@ -180,3 +180,15 @@ def test_cli_score(cli, tmp_path: Path) -> None:
         "score", "-d", dialogues, "-c", cands, "-o", out, "--metrics", "lfc", "--opt", "c.mode=max"
     )
     assert bad_opt.code == 2
+
+
+def test_corpus_distinct_in_summary() -> None:
+    rows = [
+        ScoredCandidate(
+            **candidate(f"d{i}", json.dumps({"response": text})).model_dump(),
+            scores={"dist-1": 1.0},
+        )
+        for i, text in enumerate(["a b", "a c"])
+    ]
+    entry = summarize(rows, ["dist-1"], n_boot=10)["m"]
+    assert entry["corpus"]["dist-1"] == pytest.approx(3 / 4)  # {a, b, c} over 4 unigrams

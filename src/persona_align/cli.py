@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad input or configuration (one line naming file, place
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from importlib import resources
@@ -210,7 +211,7 @@ def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any
         options = {k: defaults[k] for k in ("api_key_env", "concurrency", "timeout")}
         return kind, {"model": model, "base_url": base_url or None, **options}
     if kind == "import":
-        return kind, {"path": rest}
+        return kind, {"path": rest, "extraction": defaults.get("import_extraction")}
     raise InputError(None, f"responder spec {spec!r}: unknown kind {kind!r} (hf, openai, import)")
 
 
@@ -245,6 +246,12 @@ def generate(
     variant: Annotated[str, typer.Option(help="Prompt variant: vanilla | cot.")] = "vanilla",
     system: Annotated[str | None, typer.Option(help="Optional system message.")] = None,
     extraction: Annotated[str, typer.Option(help="lenient | strict JSON extraction.")] = "lenient",
+    import_extraction: Annotated[
+        str | None,
+        typer.Option(
+            help="import: none = the files already hold extracted replies (empty = failure)."
+        ),
+    ] = None,
     cache: Annotated[
         Path | None, typer.Option(help="SQLite cache (default: in the user cache folder).")
     ] = None,
@@ -282,6 +289,7 @@ def generate(
             "api_key_env": api_key_env,
             "concurrency": concurrency,
             "timeout": timeout,
+            "import_extraction": import_extraction,
         }
         specs = [parse_responder_spec(spec, **defaults) for spec in responder]
         try:
@@ -436,8 +444,11 @@ def score(
     }
     if not as_json:
         table = Table(
-            "system", "n", "failure", "latency s", *names, title=str(output), title_justify="left"
+            title=f"{output}: mean ± std per system", title_justify="left", box=None, padding=(0, 1)
         )
+        table.add_column("system", no_wrap=True)
+        for column in ("n", "failure", "latency s", *names):
+            table.add_column(column, justify="right", no_wrap=True)
         for system, entry in table_data.items():
             cells = []
             for name, status in zip(names, statuses, strict=True):
@@ -445,7 +456,7 @@ def score(
                 cells.append(
                     "unavailable"
                     if not status.available
-                    else (f"{m['mean']:.3f} ± {m['std']:.3f}" if m else "-")
+                    else (f"{m['mean']:.2f}±{m['std']:.2f}" if m else "-")
                 )
             latency = entry["mean_latency_s"]
             table.add_row(system, str(entry["responses"]), f"{entry['failure_ratio']:.3f}",
@@ -530,6 +541,8 @@ def demo(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; InputError becomes exit 2 with one line on stderr."""
+    # our own rich progress bars report long work; the libraries' tqdm bars would interleave
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app(args=argv, prog_name="persona-align")
     except InputError as err:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from persona_align.metrics.lexical import corpus_distinct
 from persona_align.records import ScoredCandidate
 
 
@@ -28,13 +29,18 @@ def summarize(
     """Per responder: counts, failure ratio, mean latency and each metric's mean ± std and CI.
 
     Failures carry their metric's worst value (PersoBench), so they are part of the means;
-    ``valid_mean`` is the mean over valid replies alone.
+    ``valid_mean`` is the mean over valid replies alone. When ``dist-1``/``dist-2`` are among
+    the metrics, ``corpus`` adds the system-level Dist-n over all valid replies.
     """
+    corpus_n = [n for n in (1, 2) if f"dist-{n}" in metrics]
     groups: dict[str, dict[str, Any]] = {}
     for c in scored:
         g = groups.setdefault(
-            c.responder, {"n": 0, "valid": 0, "latency": [], "values": {}, "valid_values": {}}
+            c.responder,
+            {"n": 0, "valid": 0, "latency": [], "values": {}, "valid_values": {}, "replies": []},
         )
+        if corpus_n and c.response is not None:
+            g["replies"].append(c.response)
         g["n"] += 1
         g["valid"] += c.valid
         if c.latency_s is not None:
@@ -53,6 +59,8 @@ def summarize(
             "mean_latency_s": float(np.mean(g["latency"])) if g["latency"] else None,
             "metrics": {},
         }
+        if corpus_n:  # Dist-n over all of a system's valid replies, as PersoBench reports it
+            entry["corpus"] = {f"dist-{n}": corpus_distinct(g["replies"], n) for n in corpus_n}
         for name in metrics:
             values = g["values"].get(name, [])
             valid = g["valid_values"].get(name, [])

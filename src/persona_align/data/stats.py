@@ -64,7 +64,11 @@ def load(path: Path, kind: str) -> list[BaseModel]:
 def _spread(values: list[float]) -> dict[str, float]:
     if not values:
         return {}
-    return {"min": min(values), "mean": round(fmean(values), 3), "max": max(values)}
+    return {
+        "min": round(min(values), 3),
+        "mean": round(fmean(values), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def describe(records: list[BaseModel]) -> dict[str, Any]:

@@ -98,8 +98,10 @@ def make_responder(kind: str, **options: Any) -> Responder:
         raise InputError(
             None, f"unknown responder {kind!r}; known: {', '.join(sorted(RESPONDERS))}"
         )
-    try:  # check the options against the signature, so a TypeError inside stays a bug
+    try:  # check the options against the signature, so other TypeErrors inside stay bugs
         inspect.signature(factory).bind(**options)
+        return factory(**options)
     except TypeError as err:
+        if "argument" not in str(err):
+            raise
         raise InputError(None, f"responder {kind!r}: {err}") from None
-    return factory(**options)

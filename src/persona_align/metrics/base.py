@@ -90,8 +90,10 @@ def make_metric(name: str, **options: Any) -> Metric:
     factory = METRICS.get(name)
     if factory is None:
         raise InputError(None, f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}")
-    try:  # check the options against the signature, so a TypeError inside stays a bug
+    try:  # check the options against the signature, so other TypeErrors inside stay bugs
         inspect.signature(factory).bind(**options)
+        return factory(**options)
     except TypeError as err:
+        if "argument" not in str(err):
+            raise
         raise InputError(None, f"metric {name!r}: {err}") from None
-    return factory(**options)

@@ -24,7 +24,8 @@ from persona_align.cli import _metric_options
 from persona_align.data import read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.metrics import make_metric
-from persona_align.metrics.scorer import prepare_metrics, score_stream
+from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
+from persona_align.models import cache_dir
 
 POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "persodpo-focus"
 THEIRS = {"c": "C Score", "ue": "UE Score", "p": "Persona Distance"}
@@ -66,7 +67,9 @@ def main() -> None:
     for path in sorted((POOL / "responses").glob("*.csv")):
         system = path.stem
         candidates = import_responses(path, dialogues, system, extraction="none")
-        scored = list(score_stream(by_id, iter(candidates), metrics, statuses))
+        with_cache = ScoreCache(cache_dir() / "scores.sqlite")  # shared with `persona-align score`
+        scored = list(score_stream(by_id, iter(candidates), metrics, statuses, with_cache))
+        with_cache.close()
         valid[system] = [c.valid for c in scored]
         ours[system] = {n: [c.scores[n] for c in scored] for n in names}
         with open(POOL / "scores" / path.name, encoding="utf-8", newline="") as handle:

@@ -18,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from persona_align.commands_nli import nli_app, train_nli_command
 from persona_align.data import READERS, read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.data.stats import describe, load
@@ -35,6 +36,15 @@ data_app = typer.Typer(
     help="Import, inspect and validate dialogue and record files.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(
+    help="Train models: the NLI cross-encoder behind C and UE (alignment trainers to come).",
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+train_app.command("nli")(train_nli_command)
+app.add_typer(
+    nli_app, name="nli", help="The NLI model behind C and UE: accuracy on labelled pairs."
+)
 
 console = Console()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]

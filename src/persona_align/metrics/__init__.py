@@ -7,6 +7,7 @@ importing the module here registers them.
 from persona_align.metrics import (  # noqa: F401
     bertscore,
     coherence,
+    consistency,
     lexical,
     lfc,
     persona_distance,

@@ -42,7 +42,8 @@ def fit_minmax(scored: Iterable[ScoredCandidate], metrics: Iterable[str]) -> dic
         raise InputError(
             None,
             f"metric {missing[0]!r} has a weight but no value in the scored file "
-            "(not scored, or unavailable): score it or drop its weight",
+            "(not scored, or unavailable): score it or drop its weight, "
+            "e.g. --weights c=0.20,ue=0.18,p=0.16,lfc=0.32",
         )
     return {name: MinMax(min(found), max(found)) for name, found in values.items()}
 

@@ -7,7 +7,7 @@ must be identical. Responses: the 7 systems x 1,500 PersoDPO FoCus train prompts
 (``--quick``: the first 100 prompts). A bf16 run of the batched side is reported separately
 with its deviation in the C/UE means and its label agreement with fp32.
 
-    .venv/bin/python benchmarks/bench_metrics_nli.py [--quick] [--model embedded-nli]
+    .venv/bin/python benchmarks/bench_metrics_nli.py [--quick] [--metrics C,UE] [--threads 1]
 """
 
 from __future__ import annotations
@@ -92,12 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--metrics", default="C,C max,UE", help="subset of: C, C max, UE")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"{DATA} is absent", file=sys.stderr)
         return 1
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     items = load_items(100 if args.quick else None)
     console = Console()
     console.print(

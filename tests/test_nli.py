@@ -515,3 +515,5 @@ def test_nli_commands(tmp_path: Path, tiny_nli: Path) -> None:
     result = runner.invoke(train, ["nli", "-o", str(tmp_path / "x"), "--data-dir", str(data),
                                    "--lr", "0"])  # fmt: skip
     assert isinstance(result.exception, InputError) and "lr must be" in str(result.exception)
+    result = runner.invoke(train, ["nli", "-o", str(data), "--data-dir", str(data)])
+    assert isinstance(result.exception, InputError) and "refusing" in str(result.exception)

@@ -79,6 +79,8 @@ class NLIModel:
 
     Identical pairs are scored once (persona sentences repeat across the candidates of a
     dialogue), and the unique pairs run in batches of similar length so little is padding.
+    ``dtype="bfloat16"`` casts the weights: faster only where bf16 matmuls are native (AMX,
+    AVX512-BF16, GPUs); on an AVX2-only CPU it is several times slower than float32.
     """
 
     def __init__(

@@ -170,6 +170,12 @@ def train_nli(
     _check("max_length", max_length, 8)
     if max_pairs is not None:
         _check("max_pairs", max_pairs, 1)
+    out = Path(out_dir)
+    replaceable = out.is_dir() and (
+        (out / "adapter_config.json").is_file() or not any(out.iterdir())
+    )
+    if out.exists() and not replaceable:
+        raise InputError(out, "exists and is not an adapter folder; refusing to replace it")
     data = load_training_data(data_dir)
     rng = random.Random(seed)
     train = list(data.train)
@@ -249,7 +255,6 @@ def train_nli(
         base, len(train), len(data.valid), len(plan), round(seconds, 1), settings,
         data.sources,
     )  # fmt: skip
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped or shared adapter unreadable

@@ -644,6 +644,10 @@ def demo(
     _emit(summary, as_json)
 
 
+# Commands that live in their own modules register here, one line each.
+# (end of command registrations)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; InputError becomes exit 2 with one line on stderr."""
     # our own rich progress bars report long work; the libraries' tqdm bars would interleave

@@ -124,6 +124,20 @@ class PreferencePair(_Record):
     rule: NonEmptyStr
 
 
+class SFTExample(_Record):
+    """A supervised example in TRL's conversational prompt-completion format.
+
+    ``task`` names what the example teaches (PAL's ``select``/``generate-persona``/
+    ``generate-plain``, SBS's ``score-conditioned``), so mixtures can be counted and resampled.
+    """
+
+    dialogue_id: NonEmptyStr
+    prompt: list[Message] = Field(min_length=1)
+    completion: list[Message] = Field(min_length=1)
+    task: NonEmptyStr
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+
 Record = TypeVar("Record", bound=BaseModel)
 
 RECORD_TYPES: dict[str, type[BaseModel]] = {
@@ -131,6 +145,7 @@ RECORD_TYPES: dict[str, type[BaseModel]] = {
     "candidate": Candidate,
     "scored": ScoredCandidate,
     "pair": PreferencePair,
+    "sft": SFTExample,
 }
 
 

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from persona_align.commands_nli import nli_app, train_nli_command
+from persona_align.commands_train import train_dpo_command, train_sft_command
 from persona_align.data import READERS, read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.data.stats import describe, load
@@ -37,11 +38,13 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(
-    help="Train models: the NLI cross-encoder behind C and UE (alignment trainers to come).",
+    help="Train models: score-weighted DPO, SFT, and the NLI cross-encoder behind C and UE.",
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
 train_app.command("nli")(train_nli_command)
+train_app.command("dpo")(train_dpo_command)
+train_app.command("sft")(train_sft_command)
 app.add_typer(
     nli_app, name="nli", help="The NLI model behind C and UE: accuracy on labelled pairs."
 )
@@ -645,6 +648,13 @@ def demo(
 
 
 # Commands that live in their own modules register here, one line each.
+from persona_align.commands_report import bench_command  # noqa: E402
+
+app.command("bench")(bench_command)
+from persona_align.commands_serve import chat_command, serve_command  # noqa: E402
+
+app.command("serve")(serve_command)
+app.command("chat")(chat_command)
 # (end of command registrations)
 
 

@@ -49,8 +49,48 @@ class GenerateConfig(_Section):
     use_cache: bool = True
 
 
+class LoraConfigSection(_Section):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainConfig(_Section):
+    """One training run. ``None`` means "the default for this device" (see training.common)."""
+
+    method: Literal["dpo", "sft"] = "dpo"
+    model: str = "embedded"
+    data: Path
+    output_dir: Path
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
+    weighting: str = Field(
+        "sigmoid",
+        description="dpo: 'sigmoid' of the score gap (PersoDPO), 'one' (vanilla DPO), "
+        "or 'column:NAME' for any numeric column of the pairs file",
+    )
+    beta: float = Field(0.1, gt=0)
+    learning_rate: float | None = Field(None, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    batch_size: int | None = Field(None, ge=1)
+    grad_accum: int | None = Field(None, ge=1)
+    warmup_steps: int = Field(0, ge=0)
+    max_length: int = Field(1024, ge=8)
+    precompute_ref: bool = True
+    gradient_checkpointing: bool | None = None
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(50, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    save: Literal["adapter", "merged"] = "adapter"
+    seed: int = 0
+
+
 class PipelineConfig(_Section):
     generate: GenerateConfig | None = None
+    train: TrainConfig | None = None
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -81,4 +121,9 @@ def load_config(path: str | Path) -> PipelineConfig:
         g.dialogues, g.output = base / g.dialogues, base / g.output
         if g.cache is not None:
             g.cache = base / g.cache
+    if config.train is not None:
+        t = config.train
+        t.data, t.output_dir = base / t.data, base / t.output_dir
+        if t.model.startswith(("./", "../", "/")) or (base / t.model).is_dir():
+            t.model = str(base / t.model)
     return config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -195,14 +196,48 @@ def model_dir(name: str) -> str:
     return str(_build_once(folder, lambda tmp: _convert_gguf(resolved, tmp)))
 
 
+ADAPTER_META = "persona-align.json"
+
+
+def adapter_base(folder: str | Path) -> str | None:
+    """The base model a PEFT adapter folder was trained on, or None for a full checkpoint.
+
+    Our trainers record the base by its config name (``embedded``, a hub id, a path) in
+    ``persona-align.json``, so an adapter stays loadable after the cache folder moves.
+    """
+    folder = Path(folder)
+    if not (folder / "adapter_config.json").exists():
+        return None
+    meta = folder / ADAPTER_META
+    if meta.exists():
+        return str(json.loads(meta.read_text(encoding="utf-8"))["base_model"])
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    return str(config["base_model_name_or_path"])
+
+
 def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) for generation or training, in eval mode, on the CPU/GPU default."""
+    """(model, tokenizer) for generation or training, in eval mode, on the CPU/GPU default.
+
+    A LoRA adapter folder loads over its base and is merged, so what comes back is a plain
+    model: generation runs at full speed and a further LoRA can be trained on top of it (PAL's
+    stage 2 takes the stage-1 model as its reference this way).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise InputError(None, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     location = model_dir(name)
+    base = adapter_base(location) if Path(location).is_dir() else None
+    if base is not None:
+        from peft import PeftModel
+
+        model, tokenizer = load_causal_lm(base, dtype)
+        if (Path(location) / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(location)
+        model = PeftModel.from_pretrained(model, location).merge_and_unload()
+        model.eval()
+        return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))

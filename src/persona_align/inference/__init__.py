@@ -1,1 +1,1 @@
-"""Inference on trained models: Select-then-Generate, a chat loop and an OpenAI-compatible server."""
+"""Inference on trained models: Select-then-Generate, chat, an OpenAI-compatible server."""

@@ -10,11 +10,32 @@ saves no compute there). Relies on ``DPOTrainer._compute_loss``, hence the exact
 
 from __future__ import annotations
 
+import math
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from trl import DPOConfig, DPOTrainer
+
+from persona_align.config import TrainConfig
+from persona_align.errors import InputError
+from persona_align.records import PreferencePair, read_records
+from persona_align.training.common import (
+    callbacks,
+    check_lengths,
+    file_dataset,
+    finish,
+    load_for_training,
+    lora_config,
+    quiet_training_logs,
+    resume_checkpoint,
+    trainer_arguments,
+    without_printer,
+)
 
 WEIGHT_KEY = "pair_weight"
 
@@ -87,3 +108,95 @@ class WeightedDPOTrainer(DPOTrainer):
         ]
         loss = (torch.stack(losses) * weights.to(losses[0].device)).mean()
         return (loss, {}) if return_outputs else loss
+
+
+def pair_weights(pairs: list[PreferencePair], weighting: str, path: Path) -> list[float]:
+    """Per-pair weights: PersoDPO's sigmoid of the score gap, all ones, or a named column."""
+    if weighting == "sigmoid":
+        return [1 / (1 + math.exp(-(p.score_chosen - p.score_rejected))) for p in pairs]
+    if weighting == "one":
+        return [1.0] * len(pairs)
+    name = weighting.removeprefix("column:")
+    if not weighting.startswith("column:") or name not in PreferencePair.model_fields:
+        raise InputError(
+            path,
+            f"unknown weighting {weighting!r}; use sigmoid, one or column:NAME with NAME one of "
+            "weight, score_chosen, score_rejected",
+            field="train.weighting",
+        )
+    values = [getattr(p, name) for p in pairs]
+    if not all(isinstance(v, int | float) for v in values):
+        raise InputError(path, f"column {name!r} is not numeric", field="train.weighting")
+    return [float(v) for v in values]
+
+
+def load_pairs(path: Path) -> tuple[list[PreferencePair], int]:
+    """The pairs file, minus pairs whose chosen equals rejected (counted, they teach nothing)."""
+    pairs = read_records(path, PreferencePair)
+    kept = [p for p in pairs if p.chosen != p.rejected]
+    if not kept:
+        raise InputError(
+            path, "no usable preference pairs (empty, or every chosen equals rejected)"
+        )
+    return kept, len(pairs) - len(kept)
+
+
+def train_dpo(
+    config: TrainConfig, resume: bool = False, extra_callbacks: Sequence[TrainerCallback] = ()
+) -> dict[str, Any]:
+    """Score-weighted (or vanilla) DPO with LoRA by default; returns the run summary."""
+    began = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    checkpoint = resume_checkpoint(output_dir, resume)
+    pairs, identical = load_pairs(Path(config.data))
+    weights = pair_weights(pairs, config.weighting, Path(config.data))
+    model, tokenizer = load_for_training(config.model)
+    lengths = check_lengths(
+        tokenizer,
+        [p.dialogue_id for p in pairs],
+        [p.prompt for p in pairs],
+        [(p.chosen, p.rejected) for p in pairs],
+        config.max_length,
+    )
+    dropped = set(lengths.dropped)
+    rows = [
+        {
+            "dialogue_id": p.dialogue_id,
+            "prompt": [m.model_dump() for m in p.prompt],
+            "chosen": [m.model_dump() for m in p.chosen],
+            "rejected": [m.model_dump() for m in p.rejected],
+            "weight": w,
+        }
+        for p, w in zip(pairs, weights, strict=True)
+        if p.dialogue_id not in dropped
+    ]
+    if not rows:
+        raise InputError(config.data, f"every prompt is longer than max_length={config.max_length}")
+    with quiet_training_logs():
+        args = WeightedDPOConfig(
+            **trainer_arguments(config),
+            beta=config.beta,
+            precompute_ref_log_probs=config.precompute_ref,
+            weight_column="weight",
+        )
+        trainer = without_printer(
+            WeightedDPOTrainer(
+                model=model,
+                args=args,
+                train_dataset=file_dataset(rows, output_dir),
+                processing_class=tokenizer,
+                peft_config=lora_config(config),
+                callbacks=callbacks(output_dir, extra_callbacks),
+            )
+        )
+        trainer.train(resume_from_checkpoint=checkpoint)
+    summary = {
+        "method": "dpo",
+        "weighting": config.weighting,
+        "finetune": config.finetune,
+        "pairs": len(rows),
+        "dropped_identical": identical,
+        **lengths.as_dict(),
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+    }
+    return finish(trainer, tokenizer, config, summary, began)

@@ -1,0 +1,84 @@
+"""PersoDPO's preference pairs from the shared training pool, scored by our own metrics.
+
+The 7 LLMs' raw outputs on the 1,500 FoCus training prompts are extracted (lenient), scored
+with the PersoDPO metric set (coherence judge, C, UE, P, LFC), combined into the total score
+(min-max scaled on the pool, PersoDPO weights) and paired with the quantile rule (0.6/0.4).
+Prints the pair count next to the paper's ~9,000 and writes the scored pool and the pairs
+(outside the repository) for `benchmarks/persodpo_outcome.py`. Scores go through the shared
+score cache, so an interrupted run resumes.
+
+    .venv/bin/python benchmarks/persodpo_pool.py [--out DIR] [--limit N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from persona_align.data import read_dialogues
+from persona_align.data.responses import import_responses
+from persona_align.metrics import make_metric
+from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
+from persona_align.models import cache_dir
+from persona_align.preference.pairs import PairingConfig, build_pairs
+from persona_align.preference.total import DEFAULT_WEIGHTS, fit_minmax, total_score
+from persona_align.records import PreferencePair, ScoredCandidate, write_records
+
+POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "persodpo-focus"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=cache_dir() / "persodpo-pool")
+    parser.add_argument("--limit", type=int, default=None, help="first N dialogues only")
+    args = parser.parse_args()
+    if not POOL.exists():
+        sys.exit(f"{POOL} is absent")
+    dialogues = read_dialogues("persobench-csv", POOL / "prompts" / "train.csv")
+    by_id = {d.id: d for d in dialogues[: args.limit]}
+    metrics = [make_metric(name) for name in DEFAULT_WEIGHTS]
+    statuses = prepare_metrics(metrics, dialogues)
+    for status in statuses:
+        if not status.available:
+            sys.exit(f"{status.name} unavailable: {status.reason}")
+    scored: list[ScoredCandidate] = []
+    timings = {}
+    cache = ScoreCache(cache_dir() / "scores.sqlite")  # shared with `persona-align score`
+    for path in sorted((POOL / "responses-raw").glob("*.csv")):
+        began = time.perf_counter()
+        candidates = import_responses(path, dialogues, path.stem, extraction="lenient")
+        candidates = [c for c in candidates if c.dialogue_id in by_id]
+        scored += score_stream(by_id, iter(candidates), metrics, statuses, cache)
+        timings[path.stem] = time.perf_counter() - began
+        valid = sum(c.valid for c in candidates)
+        print(f"scored {path.stem}: {valid}/{len(candidates)} valid in {timings[path.stem]:.0f} s",
+              flush=True)  # fmt: skip
+    cache.close()
+    ranges = fit_minmax(scored, DEFAULT_WEIGHTS)
+    scored = [c.model_copy(update={"total": total_score(c.scores, DEFAULT_WEIGHTS, ranges)})
+              for c in scored]  # fmt: skip
+    config = PairingConfig(rule="quantile", upper=0.6, lower=0.4)
+    pairs = build_pairs(by_id, scored, config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_records(args.out / "scored.jsonl", scored, ScoredCandidate)
+    write_records(args.out / "pairs-quantile.jsonl", pairs, PreferencePair)
+    formats = build_pairs(by_id, scored, PairingConfig(rule="format"))
+    write_records(args.out / "pairs-format.jsonl", formats, PreferencePair)
+    per_dialogue = Counter(p.dialogue_id for p in pairs)
+    names = ", ".join(DEFAULT_WEIGHTS)
+    print(f"\n{len(by_id)} dialogues x {len(timings)} systems = {len(scored)} replies, "
+          f"scored in {sum(timings.values()):.0f} s (metrics: {names})")  # fmt: skip
+    print("| rule | pairs | dialogues with a pair | mean pairs per dialogue | paper |")
+    print("|---|---:|---:|---:|---|")
+    print(f"| quantile 0.6/0.4 | {len(pairs)} | {len(per_dialogue)} | "
+          f"{len(pairs) / max(1, len(per_dialogue)):.2f} | ~9,000 |")  # fmt: skip
+    print(f"| format (valid vs invalid) | {len(formats)} | "
+          f"{len({p.dialogue_id for p in formats})} | - | - |")  # fmt: skip
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

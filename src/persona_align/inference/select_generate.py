@@ -1,0 +1,415 @@
+"""PAL's Select-then-Generate inference: pass 1 picks a persona sentence, pass 2 replies with it.
+
+Pass 1 asks the model the select prompt and maps what it wrote to one persona sentence (or to
+none); pass 2 asks the generate-with-persona prompt with that sentence highlighted. The
+released PAL code highlights the *gold* label in pass 2 (the predicted selections are loaded
+and never used), which measures generation under oracle selection; here pass 2 uses the
+model's own prediction, and ``selection="gold"`` reproduces the oracle setting so a benchmark
+can report both.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from persona_align.errors import InputError
+from persona_align.generation.base import GenerationParams, Result
+from persona_align.models import load_causal_lm
+from persona_align.preference.pal import (
+    NO_PERSONA,
+    PALDataConfig,
+    PersonaLabel,
+    label_sentence,
+    persona_messages,
+    read_reply,
+    select_messages,
+)
+from persona_align.prompting import messages_hash, render_chat
+from persona_align.records import Candidate, Dialogue, Message, NonEmptyStr, Turn
+
+SelectionMode = Literal["predicted", "gold"]
+MatchMethod = Literal["exact", "normalised", "overlap", "no-persona", "unmatched", "gold"]
+SELECT_MAX_NEW_TOKENS = 48  # persona sentences are short; pass 1 never needs the reply budget
+DEFAULT_THRESHOLD = 0.5
+RESPONDER_NAME = "pal-stg"
+
+
+class Selection(BaseModel):
+    """What pass 1 produced for one dialogue and which persona sentence it was mapped to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dialogue_id: NonEmptyStr
+    raw: str
+    index: int | None
+    selected: str | None
+    method: MatchMethod
+
+
+# --- mapping generated text to a persona sentence ------------------------------------------
+
+_LIST_MARK = re.compile(r"^(?:[-*\u2022]\s*|\(?\d+\s*[.):]\s*)")
+_QUOTES = "\"'`\u201c\u201d\u2018\u2019"
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")
+
+
+def _normalise(text: str) -> str:
+    """First non-empty line, list marker, quotes, case, spacing and end punctuation removed."""
+    line = next((part for part in text.strip().splitlines() if part.strip()), "")
+    line = line.strip()
+    line = (_LIST_MARK.sub("", line).strip() or line).strip(_QUOTES).strip()
+    return " ".join(line.casefold().split()).rstrip(".!?;,").strip()
+
+
+def _tokens(text: str) -> set[str]:
+    return set(_WORD.findall(text.casefold().replace("\u2019", "'")))
+
+
+def token_overlap(a: str, b: str) -> float:
+    """F1 of the two texts' word sets (0 when either has no word)."""
+    ta, tb = _tokens(a), _tokens(b)
+    common = len(ta & tb)
+    return 2 * common / (len(ta) + len(tb)) if common else 0.0
+
+
+def match_persona(
+    text: str, persona: Sequence[str], threshold: float = DEFAULT_THRESHOLD
+) -> tuple[int | None, MatchMethod]:
+    """The persona sentence a pass-1 output names: exact text, then normalised text (a bare
+    list number counts too), then the best word-overlap F1 ≥ ``threshold``; else none.
+
+    "No personal description." (normalised, also with trailing words) maps to none.
+    """
+    stripped = text.strip()
+    for i, sentence in enumerate(persona):
+        if stripped == sentence.strip():
+            return i, "exact"
+    norm = _normalise(text)
+    if norm.startswith(_normalise(NO_PERSONA)):
+        return None, "no-persona"
+    if norm.isdigit() and 1 <= int(norm) <= len(persona):
+        return int(norm) - 1, "normalised"
+    for i, sentence in enumerate(persona):
+        if norm and norm == _normalise(sentence):
+            return i, "normalised"
+    scores = [token_overlap(norm, sentence) for sentence in persona]
+    best = max(range(len(persona)), key=scores.__getitem__, default=None)
+    if best is not None and scores[best] >= threshold and scores[best] > 0:
+        return best, "overlap"
+    return None, "unmatched"
+
+
+# --- batched generation with a loaded model ------------------------------------------------
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[Message]],
+    params: GenerationParams,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Result]:
+    """Raw completions of chat prompts, in order: length-sorted left-padded batches, as the
+    ``hf`` responder does, but over a model already in memory (a server, a benchmark loop).
+
+    A tokenizer without a pad token gets its EOS token as one.
+    """
+    import torch
+
+    if not prompts:
+        return []
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_chat(tokenizer, p) for p in prompts]
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        if params.temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    results: list[Result | None] = [None] * len(texts)
+    torch.manual_seed(params.seed)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            enc = tokenizer(
+                [texts[i] for i in batch],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
+            began = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=params.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id,
+                    **sampling,
+                )
+            per_item = (time.perf_counter() - began) / len(batch)
+            new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
+            for row, index in enumerate(batch):
+                tokens = new_tokens[row]
+                end = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
+                results[index] = Result(
+                    raw=tokenizer.decode(tokens[:end], skip_special_tokens=True),
+                    latency_s=per_item,
+                    usage={"prompt_tokens": lengths[index], "completion_tokens": end},
+                )
+            if on_batch is not None:
+                on_batch(len(batch))
+    finally:
+        tokenizer.padding_side = padding_side
+    return [r for r in results if r is not None]
+
+
+# --- Select then Generate ------------------------------------------------------------------
+
+
+def _select_params(params: GenerationParams) -> GenerationParams:
+    """Pass 1 decodes greedily: the selection is a choice, not a text to vary."""
+    return replace(
+        params, temperature=0.0, max_new_tokens=min(params.max_new_tokens, SELECT_MAX_NEW_TOKENS)
+    )
+
+
+def _run(
+    dialogues: Sequence[Dialogue],
+    model: Any,
+    tokenizer: Any,
+    params: GenerationParams,
+    selection: SelectionMode,
+    labels: Mapping[str, PersonaLabel] | None,
+    config: PALDataConfig,
+    threshold: float,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[Selection], list[list[Message]], list[Result], list[float]]:
+    """Both passes; returns selections, pass-2 prompts, pass-2 results and pass-1 latencies."""
+    selections: list[Selection] = []
+    pass1_latency = [0.0] * len(dialogues)
+    if selection == "gold":
+        for dialogue in dialogues:
+            label = (labels or {}).get(dialogue.id)
+            if label is None:
+                raise InputError(
+                    None,
+                    f"dialogue {dialogue.id!r} has no persona label; selection='gold' needs one",
+                )
+            selections.append(
+                Selection(
+                    dialogue_id=dialogue.id,
+                    raw="",
+                    index=label.target,
+                    selected=label_sentence(dialogue, label),
+                    method="gold",
+                )
+            )
+    elif selection == "predicted":
+        firsts = generate_texts(
+            model,
+            tokenizer,
+            [select_messages(d, config.system) for d in dialogues],
+            _select_params(params),
+            batch_size,
+            on_batch,
+        )
+        for k, (dialogue, result) in enumerate(zip(dialogues, firsts, strict=True)):
+            index, method = match_persona(result.raw, dialogue.persona, threshold)
+            pass1_latency[k] = result.latency_s or 0.0
+            selections.append(
+                Selection(
+                    dialogue_id=dialogue.id,
+                    raw=result.raw,
+                    index=index,
+                    selected=dialogue.persona[index] if index is not None else None,
+                    method=method,
+                )
+            )
+    else:
+        raise InputError(None, f"selection must be 'predicted' or 'gold', got {selection!r}")
+    prompts = [
+        persona_messages(d, s.selected, config.response_format, config.word_limit, config.system)
+        for d, s in zip(dialogues, selections, strict=True)
+    ]
+    replies = generate_texts(model, tokenizer, prompts, params, batch_size, on_batch)
+    return selections, prompts, replies, pass1_latency
+
+
+def select_then_generate(
+    dialogues: Sequence[Dialogue],
+    model: Any,
+    tokenizer: Any,
+    params: GenerationParams | None = None,
+    *,
+    selection: SelectionMode = "predicted",
+    labels: Mapping[str, PersonaLabel] | None = None,
+    config: PALDataConfig | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    batch_size: int = 8,
+    name: str = RESPONDER_NAME,
+    console: Console | None = None,
+) -> tuple[list[Candidate], list[Selection]]:
+    """One Candidate per dialogue (in order) and the selection behind each.
+
+    ``selection="predicted"`` uses pass 1's output; ``"gold"`` highlights the label's sentence
+    instead (``labels`` required), the oracle setting of PAL's released code. A candidate's
+    latency is both passes together; its prompt hash is that of the pass-2 prompt.
+    The prompts follow ``config`` (response format, word limit, system message), which must
+    be the PAL data config the model was trained with; ``params`` sets decoding.
+    """
+    params = params or GenerationParams()
+    config = config or PALDataConfig()
+    passes = 2 if selection == "predicted" else 1
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=console is None,
+    ) as progress:
+        bar = progress.add_task(f"{name} ({selection} selection)", total=passes * len(dialogues))
+        selections, prompts, results, pass1 = _run(
+            dialogues,
+            model,
+            tokenizer,
+            params,
+            selection,
+            labels,
+            config,
+            threshold,
+            batch_size,
+            lambda n: progress.advance(bar, n),
+        )
+    candidates = []
+    for dialogue, prompt, result, first in zip(dialogues, prompts, results, pass1, strict=True):
+        response = read_reply(result.raw, config.response_format, params)
+        candidates.append(
+            Candidate(
+                dialogue_id=dialogue.id,
+                responder=name,
+                raw=result.raw,
+                response=response,
+                valid=response is not None,
+                latency_s=first + (result.latency_s or 0.0),
+                prompt_hash=messages_hash(prompt),
+            )
+        )
+    return candidates, selections
+
+
+def selection_accuracy(
+    selections: Sequence[Selection], labels: Mapping[str, PersonaLabel]
+) -> dict[str, Any]:
+    """How often pass 1 picked a labelled sentence, against the persona labels.
+
+    ``exact_accuracy``: the selected sentence is one the gold turn uses (any of them when the
+    label names several), or both say none. ``none_vs_some_accuracy``: pass 1 and the label
+    agree on whether any persona sentence applies. Unlabelled dialogues are left out and
+    counted; with nothing to compare, accuracies are None (unknown), never 0.
+    """
+    scored = [(s, labels[s.dialogue_id]) for s in selections if s.dialogue_id in labels]
+    exact = sum(
+        (s.index in label.indices) if s.index is not None else not label.indices
+        for s, label in scored
+    )
+    none_some = sum((s.index is None) == (not label.indices) for s, label in scored)
+    n = len(scored)
+    return {
+        "n": n,
+        "exact_accuracy": exact / n if n else None,
+        "none_vs_some_accuracy": none_some / n if n else None,
+        "unlabelled": len(selections) - n,
+        "predicted_none": sum(1 for s, _ in scored if s.index is None),
+        "gold_none": sum(1 for _, label in scored if not label.indices),
+        "methods": dict(Counter(s.method for s in selections)),
+    }
+
+
+# --- one reply, for a chat server ----------------------------------------------------------
+
+
+def _as_turns(context: Sequence[Turn | Message]) -> list[Turn]:
+    """Chat messages as dialogue turns: user → User1, assistant → User2, system dropped."""
+    speakers = {"user": "User1", "assistant": "User2"}
+    turns = []
+    for item in context:
+        if isinstance(item, Turn):
+            turns.append(item)
+        elif item.role in speakers and item.content.strip():
+            turns.append(Turn(speaker=speakers[item.role], text=item.content))
+    return turns
+
+
+def select_then_generate_one(
+    model: Any,
+    tokenizer: Any,
+    persona: Sequence[str],
+    context: Sequence[Turn | Message],
+    params: GenerationParams | None = None,
+    *,
+    config: PALDataConfig | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> tuple[str | None, str, str | None]:
+    """(selected persona sentence or None, pass-2 raw output, extracted reply or None)."""
+    sentences = [s.strip() for s in persona if s.strip()]
+    if not sentences:
+        raise InputError(None, "no persona sentences given", field="persona")
+    turns = _as_turns(context)
+    if not turns:
+        raise InputError(None, "no dialogue turns given", field="context")
+    params = params or GenerationParams()
+    config = config or PALDataConfig()
+    dialogue = Dialogue(id="live", persona=sentences, context=turns)
+    selections, _, results, _ = _run(
+        [dialogue], model, tokenizer, params, "predicted", None, config, threshold, 1
+    )
+    raw = results[0].raw
+    return selections[0].selected, raw, read_reply(raw, config.response_format, params)
+
+
+@dataclass
+class SelectThenGeneratePolicy:
+    """A reply policy for a chat server: persona sentences + turns in, reply text out."""
+
+    model: Any
+    tokenizer: Any
+    params: GenerationParams = field(default_factory=GenerationParams)
+    config: PALDataConfig = field(default_factory=PALDataConfig)
+    threshold: float = DEFAULT_THRESHOLD
+    name: str = RESPONDER_NAME
+
+    @classmethod
+    def load(cls, model_name: str, **options: Any) -> SelectThenGeneratePolicy:
+        """Load a checkpoint (a LoRA adapter folder is merged over its base) into a policy."""
+        model, tokenizer = load_causal_lm(model_name)
+        return cls(model, tokenizer, **options)
+
+    def reply(self, persona: Sequence[str], context: Sequence[Turn | Message]) -> str:
+        """The reply; when no JSON reply can be extracted, the model's raw text as it wrote it."""
+        _, raw, response = select_then_generate_one(
+            self.model,
+            self.tokenizer,
+            persona,
+            context,
+            self.params,
+            config=self.config,
+            threshold=self.threshold,
+        )
+        return response if response is not None else raw.strip()

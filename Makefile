@@ -20,7 +20,7 @@ $(STAMP):
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/persona-align demo
+	$(VENV)/bin/persona-align run configs/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

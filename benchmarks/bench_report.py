@@ -7,6 +7,7 @@ screenshot of report.html. Prints the seconds of every stage, and of every metri
 load and scoring inside `bench`.
 
     .venv/bin/python benchmarks/bench_report.py [--limit N] [--metrics c,ue,...] [--out DIR]
+        [--cache FILE]  # a warm cache measures a rerun: every score is a cache hit
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def head_csv(source: Path, target: Path, rows: int) -> Path:
 
 
 def screenshot(page: Path, target: Path, profile: Path) -> float | None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    names = ("chromium", "chromium-browser", "google-chrome")
+    chromium = next(filter(None, map(shutil.which, names)), None)
     if chromium is None:
         print("chromium not found: no screenshot")
         return None
@@ -80,6 +82,9 @@ def main() -> None:
     parser.add_argument("--metrics", default=None, help="default: bench's default metric set")
     parser.add_argument("--limit", type=int, default=None, help="only the first N dialogues")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default: temp)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help="score cache (default: a new, empty one)"
+    )
     parser.add_argument("--screenshot", type=Path, default=HERE / "report_screenshot.png")
     args = parser.parse_args()
     if not PROMPTS.exists() or not RESPONSES.is_dir():
@@ -102,7 +107,8 @@ def main() -> None:
     metrics = ["--metrics", ",".join(metric_names)]
     summary, stages["bench (whole command)"] = cli(
         "bench", "-d", dialogues, "--systems", *systems, "-o", out, "--extraction", "none",
-        "--cache", work / "scores.sqlite", "--baseline", "Qwen2-7B-Instruct", *metrics,
+        "--cache", args.cache or work / "scores.sqlite", "--baseline", "Qwen2-7B-Instruct",
+        *metrics,
     )  # fmt: skip
     shot = screenshot(out / "report.html", args.screenshot, work / "chromium-profile")
     if shot is not None:
@@ -128,8 +134,8 @@ def main() -> None:
     print(f"{'total':<40} {total:8.1f}  (target {TARGET_S:.0f} s: {verdict})")
     if shot is not None:
         print(f"screenshot: {args.screenshot}")
-    if args.out is None:
-        shutil.rmtree(work / "chromium-profile", ignore_errors=True)
+    # keep the temp folder only when the report lives in it
+    shutil.rmtree(work / "chromium-profile" if args.out is None else work, ignore_errors=True)
 
 
 if __name__ == "__main__":

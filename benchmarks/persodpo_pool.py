@@ -44,19 +44,20 @@ def main() -> None:
     for status in statuses:
         if not status.available:
             sys.exit(f"{status.name} unavailable: {status.reason}")
-    scored: list[ScoredCandidate] = []
-    timings = {}
-    cache = ScoreCache(cache_dir() / "scores.sqlite")  # shared with `persona-align score`
+    began = time.perf_counter()
+    order = {d.id: k for k, d in enumerate(dialogues)}
+    candidates = []
     for path in sorted((POOL / "responses-raw").glob("*.csv")):
-        began = time.perf_counter()
-        candidates = import_responses(path, dialogues, path.stem, extraction="lenient")
-        candidates = [c for c in candidates if c.dialogue_id in by_id]
-        scored += score_stream(by_id, iter(candidates), metrics, statuses, cache)
-        timings[path.stem] = time.perf_counter() - began
-        valid = sum(c.valid for c in candidates)
-        print(f"scored {path.stem}: {valid}/{len(candidates)} valid in {timings[path.stem]:.0f} s",
-              flush=True)  # fmt: skip
+        replies = import_responses(path, dialogues, path.stem, extraction="lenient")
+        candidates += [c for c in replies if c.dialogue_id in by_id]
+        print(f"{path.stem}: {sum(c.valid for c in replies)}/{len(replies)} valid", flush=True)
+    # all replies to one dialogue side by side: the coherence judge runs their history once
+    candidates.sort(key=lambda c: order[c.dialogue_id])
+    cache = ScoreCache(cache_dir() / "scores.sqlite")  # shared with `persona-align score`
+    scored = list(score_stream(by_id, iter(candidates), metrics, statuses, cache))
     cache.close()
+    seconds = time.perf_counter() - began
+    systems = len({c.responder for c in candidates})
     ranges = fit_minmax(scored, DEFAULT_WEIGHTS)
     scored = [c.model_copy(update={"total": total_score(c.scores, DEFAULT_WEIGHTS, ranges)})
               for c in scored]  # fmt: skip
@@ -69,8 +70,8 @@ def main() -> None:
     write_records(args.out / "pairs-format.jsonl", formats, PreferencePair)
     per_dialogue = Counter(p.dialogue_id for p in pairs)
     names = ", ".join(DEFAULT_WEIGHTS)
-    print(f"\n{len(by_id)} dialogues x {len(timings)} systems = {len(scored)} replies, "
-          f"scored in {sum(timings.values()):.0f} s (metrics: {names})")  # fmt: skip
+    print(f"\n{len(by_id)} dialogues x {systems} systems = {len(scored)} replies, "
+          f"scored in {seconds:.0f} s (metrics: {names})")  # fmt: skip
     print("| rule | pairs | dialogues with a pair | mean pairs per dialogue | paper |")
     print("|---|---:|---:|---:|---|")
     print(f"| quantile 0.6/0.4 | {len(pairs)} | {len(per_dialogue)} | "

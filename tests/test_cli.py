@@ -5,7 +5,6 @@ import pytest
 
 from persona_align.cli import sample_path
 from persona_align.data import read_dialogues
-from persona_align.records import Candidate, read_records
 
 
 @pytest.mark.parametrize(
@@ -18,7 +17,12 @@ from persona_align.records import Candidate, read_records
         ["data", "stats"],
         ["data", "validate"],
         ["data", "formats"],
-        ["demo"],
+        ["run"],
+        ["train", "dpo"],
+        ["train", "sft"],
+        ["bench"],
+        ["serve"],
+        ["chat"],
     ],
 )
 def test_every_command_has_help(cli, command: list[str]) -> None:
@@ -106,18 +110,3 @@ def test_validate_reports_first_bad_record(cli, tmp_path: Path) -> None:
         result.err.strip()
         == f"error: {path}:line 1: valid must be true exactly when response is not null"
     )
-
-
-def test_demo(cli, tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
-    result = cli("demo", "--out", tmp_path / "demo", "--model", tiny_llama_dir, "--json")
-    assert result.code == 0, result.err
-    stages = result.summary["stages"]
-    assert stages["data:train"]["records"] == 52 and stages["data:valid"]["records"] == 14
-    assert (tmp_path / "demo" / "dialogues-train.jsonl").exists()
-    generated = stages["generate"]["responders"][tiny_llama_dir.name]
-    assert generated["candidates"] == 14
-    candidates = read_records(tmp_path / "demo" / "candidates-valid.jsonl", Candidate)
-    assert [c.dialogue_id for c in candidates] == [
-        d.id for d in read_dialogues("jsonl", sample_path("valid"))
-    ]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from persona_align.metrics.base import ScoreItem, Unavailable
-from persona_align.metrics.coherence import CohLLMJudge, CohUniEval
+from persona_align.metrics.coherence import CohLLMJudge, CohUniEval, _shared_prefix
 from persona_align.metrics.persona_distance import PersonaDistance, content_words
 from persona_align.records import Candidate, Dialogue, Turn
 
@@ -129,6 +129,30 @@ def test_llm_judge_batched_equals_one_by_one(tiny_llama_dir: Path) -> None:
     prompt = CohLLMJudge(model=str(tiny_llama_dir)).prompts(items[:1])[0]
     assert "Is this a coherent response given the dialogue history? Answer Yes or No." in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_llm_judge_shared_history_prefix_gives_the_unshared_values(tiny_llama_dir: Path) -> None:
+    rng = random.Random(3)
+    items = []
+    for dialogue_id in ("a", "b"):
+        turns = [Turn(speaker=f"User{k % 2 + 1}", text=" ".join(rng.choices(WORDS, k=12)))
+                 for k in range(4)]  # fmt: skip
+        dialogue = Dialogue(id=dialogue_id, persona=["I hike."], context=turns)
+        for k in range(4 if dialogue_id == "a" else 2):
+            reply = " ".join(rng.choices(WORDS, k=2 + 5 * k))
+            candidate = Candidate(dialogue_id=dialogue_id, responder=f"r{k}", raw=reply,
+                                  response=reply, valid=True)  # fmt: skip
+            items.append(ScoreItem(dialogue, candidate))
+    shared = CohLLMJudge(model=str(tiny_llama_dir), batch_size=3).score(items)
+    plain = CohLLMJudge(model=str(tiny_llama_dir), share_prefix=False).score(items)
+    assert shared == pytest.approx(plain, abs=1e-5)
+    assert len({round(v, 7) for v in shared}) == len(items)
+
+
+def test_shared_prefix_leaves_every_row_a_token() -> None:
+    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _shared_prefix([[7], [7, 8]]) == 0
 
 
 def test_content_words_drop_stopwords_punctuation_and_case() -> None:

@@ -347,8 +347,9 @@ def test_bad_input_is_one_line_exit_2(cli, two_systems, case: str, expected: str
     assert not (folder / "out").exists()
 
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+CHROMIUM = next(
+    filter(None, (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome"))),
+    None,
 )
 _CHECK = (
     "<script>window.addEventListener('load',()=>{const i=[...document.images];"
@@ -357,7 +358,7 @@ _CHECK = (
 )
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium or chrome on PATH")
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
     summary = write_report(tmp_path / "r", _scored_systems(), ["a", "b", "c"], baseline="one")
     page = (tmp_path / "r" / "report.html").read_text()

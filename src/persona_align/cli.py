@@ -10,7 +10,6 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from persona_align.commands_methods import train_pal_command, train_sbs_command
 from persona_align.commands_nli import nli_app, train_nli_command
 from persona_align.commands_train import train_dpo_command, train_sft_command
 from persona_align.data import READERS, read_dialogues
@@ -45,6 +45,8 @@ app.add_typer(train_app, name="train")
 train_app.command("nli")(train_nli_command)
 train_app.command("dpo")(train_dpo_command)
 train_app.command("sft")(train_sft_command)
+train_app.command("pal")(train_pal_command)
+train_app.command("sbs")(train_sbs_command)
 app.add_typer(
     nli_app, name="nli", help="The NLI model behind C and UE: accuracy on labelled pairs."
 )
@@ -294,6 +296,9 @@ def generate(
         section = load_config(config).generate
         if section is None:
             raise InputError(config, "no generate: section")
+        for key in ("dialogues", "output"):
+            if getattr(section, key) is None:
+                raise InputError(config, "missing (needed by generate)", field=f"generate.{key}")
     else:
         if not responder or dialogues is None or output is None:
             raise InputError(None, "generate needs --config, or --responder, --dialogues and -o")
@@ -577,73 +582,35 @@ def pairs_stats(
 
 
 def sample_path(split: str) -> Path:
-    """The bundled sample dialogues (written for this project), ``train`` or ``valid``."""
-    return Path(str(resources.files("persona_align") / "sample_data" / f"{split}.jsonl"))
+    """The bundled sample dialogues of one split (``train`` or ``valid``)."""
+    from persona_align.pipeline import data_location
+
+    return data_location(f"sample:{split}")
 
 
-@app.command("demo")
-def demo(
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the demo writes its files.")] = Path(
-        "runs/demo"
-    ),
-    model: Annotated[
-        str, typer.Option(help="Model that answers (embedded, a directory or hub id).")
-    ] = "embedded",
+@app.command("run")
+def run_pipeline(
+    config: Annotated[Path, typer.Argument(help="Pipeline YAML: one section per stage.")],
+    start: Annotated[
+        str | None,
+        typer.Option("--from", help="Rerun from this stage on, even if unchanged."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run every stage that exists so far on the bundled sample data and show what it made."""
-    from persona_align.generation import (
-        GenerationCache,
-        GenerationParams,
-        make_responder,
-        run_responder,
-    )
-    from persona_align.models import cache_dir, load_tokenizer
-    from persona_align.prompting import persobench_messages, render_chat
+    """Run every stage of a config into runs/<name>/; unchanged stages are skipped."""
+    from persona_align.config import load_config
+    from persona_align.pipeline import Pipeline
 
-    summary: dict[str, Any] = {"command": "demo", "out": str(out_dir), "stages": {}}
-    splits = {split: read_dialogues("jsonl", sample_path(split)) for split in ("train", "valid")}
-    for split, dialogues in splits.items():
-        target = out_dir / f"dialogues-{split}.jsonl"
-        write_records(target, dialogues, Dialogue)
-        summary["stages"][f"data:{split}"] = {"output": str(target)} | describe(dialogues)
-        if not as_json:
-            console.print(
-                _summary_table(f"sample {split} dialogues -> {target}", describe(dialogues))
-            )
-
-    first = splits["valid"][0]
-    rendered = render_chat(load_tokenizer(model), persobench_messages(first))
+    pipeline = Pipeline(load_config(config), config, Console(stderr=True))
+    summary = pipeline.run(start)
     if not as_json:
-        console.rule(f"PersoBench prompt for {first.id}, through the chat template of {model!r}")
-        console.print(rendered, markup=False, highlight=False, soft_wrap=True)
-        console.rule(f"generate: {model!r} answers the {len(splits['valid'])} valid dialogues")
-
-    responder = make_responder("hf", model=model)
-    with GenerationCache(cache_dir() / "generations.sqlite") as cache:
-        candidates = run_responder(
-            splits["valid"],
-            responder,
-            GenerationParams(),
-            cache,
-            console=None if as_json else console,
-        )
-    target = out_dir / "candidates-valid.jsonl"
-    write_records(target, candidates, Candidate)
-    summary["stages"]["generate"] = {"output": str(target)} | describe(candidates)
-    if not as_json:
-        table = Table(
-            "dialogue", "valid", "reply (or raw output when not valid)", title=str(target)
-        )
-        for c in candidates:
-            text = c.response if c.valid else c.raw
-            table.add_row(c.dialogue_id, "yes" if c.valid else "no", " ".join(text.split())[:100])
+        table = Table("stage", "status", "outputs", title=f"run {pipeline.root}",
+                      title_justify="left")  # fmt: skip
+        for name, entry in summary["stages"].items():
+            status = "skipped (unchanged)" if entry["skipped"] else "done"
+            table.add_row(name, status, "\n".join(entry["outputs"].values()))
         console.print(table)
-        entry = summary["stages"]["generate"]["responders"][responder.name]
-        console.print(
-            f"{entry['valid']}/{entry['candidates']} replies are valid PersoBench JSON; "
-            f"mean latency {entry['mean_latency_s']} s (reruns are served from {cache_dir()})"
-        )
+        console.print(f"finished in {summary['seconds']} s")
     _emit(summary, as_json)
 
 

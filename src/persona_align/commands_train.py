@@ -56,12 +56,16 @@ def train_config(
     else:
         data, where = {"method": method, **given}, None
     try:
-        return TrainConfig.model_validate({**data, "method": method})
+        result = TrainConfig.model_validate({**data, "method": method})
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        hint = " (pass --config or --data and --output-dir)" if where is None else ""
-        raise InputError(where, first["msg"] + hint, field=f"train.{field}") from None
+        raise InputError(where, first["msg"], field=f"train.{field}") from None
+    for key in ("data", "output_dir"):
+        if getattr(result, key) is None:
+            hint = "" if where else " (pass --config, or --data and --output-dir)"
+            raise InputError(where, f"missing{hint}", field=f"train.{key}")
+    return result
 
 
 def _num(value: float | None) -> str:

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from persona_align.errors import InputError
+from persona_align.preference.pal import PALDataConfig
+from persona_align.preference.sbs.dataset import SBSConfig
 
 
 class _Section(BaseModel):
@@ -41,8 +43,10 @@ class ResponderConfig(BaseModel):
 
 
 class GenerateConfig(_Section):
-    dialogues: Path
-    output: Path
+    """``dialogues``, ``output``: set by ``persona-align run``; ``generate --config`` needs both."""
+
+    dialogues: Path | None = None
+    output: Path | None = None
     responders: list[ResponderConfig] = Field(min_length=1)
     params: ParamsConfig = Field(default_factory=ParamsConfig)
     cache: Path | None = None
@@ -61,8 +65,8 @@ class TrainConfig(_Section):
 
     method: Literal["dpo", "sft"] = "dpo"
     model: str = "embedded"
-    data: Path
-    output_dir: Path
+    data: Path | None = None  # set by `persona-align run` from the pairs stage
+    output_dir: Path | None = None  # likewise: the run's train/ folder
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     weighting: str = Field(
@@ -88,9 +92,147 @@ class TrainConfig(_Section):
     seed: int = 0
 
 
+# A method (PAL, SBS) trains several stages in one run folder: each stage gets a trainer section
+# without what the method sets itself (method, base model, data file, run folder).
+_STAGE_SET = ("method", "model", "data", "output_dir")
+TrainerSettings = create_model(
+    "TrainerSettings",
+    __base__=_Section,
+    __doc__="A trainer stage of a method: TrainConfig minus " + ", ".join(_STAGE_SET) + ".",
+    **{n: (f.annotation, f) for n, f in TrainConfig.model_fields.items() if n not in _STAGE_SET},
+)
+
+
+class DecodeSection(_Section):
+    """Decoding of a method's own generation (PAL's rejected replies, evaluation replies)."""
+
+    max_new_tokens: int = Field(110, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class MethodEvalSection(_Section):
+    """Held-out dialogues the trained model answers after training."""
+
+    dialogues: Path
+    format: str = "jsonl"
+    max_dialogues: int | None = Field(None, ge=1)
+    decode: DecodeSection = Field(default_factory=DecodeSection)
+
+
+class PALEvalSection(MethodEvalSection):
+    selection: Literal["predicted", "gold"] = "predicted"  # gold = the released code's oracle
+    threshold: float = Field(0.5, ge=0, le=1)  # word-overlap F1 to map pass 1 to a sentence
+
+
+class SBSEvalSection(MethodEvalSection):
+    score: float = 1.0  # the score asked for at inference (SBS: the top one)
+
+
+class _MethodSection(_Section):
+    model: str = "embedded"
+    dialogues: Path
+    format: str = "jsonl"
+    max_dialogues: int | None = Field(None, ge=1)
+    output_dir: Path
+
+
+class PALConfig(_MethodSection):
+    """``persona-align train pal``: labels, stage-1 SFT, stage-1 replies, pairs, stage-2 DPO."""
+
+    nli: str = "embedded-nli"  # labels dialogues without persona_grounding
+    data: PALDataConfig = Field(default_factory=PALDataConfig)
+    stage1: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[valid-type]
+    rejected: DecodeSection = Field(default_factory=DecodeSection)
+    stage2: TrainerSettings = Field(  # type: ignore[valid-type]
+        default_factory=lambda: TrainerSettings(weighting="one")
+    )
+    evaluate: PALEvalSection | None = None
+
+    @field_validator("stage2", mode="before")
+    @classmethod
+    def _unweighted(cls, value: Any) -> Any:
+        """PAL's DPO is unweighted (its pairs score 1/0): weighting defaults to one here."""
+        return {"weighting": "one", **value} if isinstance(value, dict) else value
+
+
+class SBSSection(_MethodSection):
+    """``persona-align train sbs``: score-conditioned SFT data, then SFT."""
+
+    data: SBSConfig = Field(default_factory=SBSConfig)
+    train: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[valid-type]
+    evaluate: SBSEvalSection | None = None
+
+
+class DataSection(_Section):
+    """Dialogues for a run: ``train`` feeds generation, ``eval`` the evaluation.
+
+    A path, or ``sample:train`` / ``sample:valid`` for the bundled sample dialogues.
+    """
+
+    format: str = "jsonl"
+    train: str
+    eval: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+
+
+class ScoreSection(_Section):
+    metrics: list[str] = Field(
+        default_factory=lambda: ["coh-smollm2", "c", "ue", "p", "lfc"], min_length=1
+    )
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    use_cache: bool = True
+
+
+class PairsSection(_Section):
+    rule: Literal["quantile", "margin", "best-worst", "format"] = "quantile"
+    upper: float = Field(0.6, ge=0, le=1)
+    lower: float = Field(0.4, ge=0, le=1)
+    margin: float = Field(0.1, ge=0)
+    max_pairs_per_dialogue: int | None = Field(None, ge=1)
+    weights: dict[str, float] | None = None  # None: PersoDPO's weights
+    weight: Literal["sigmoid", "one"] = "sigmoid"
+    response_format: Literal["json", "text"] = "json"
+    seed: int = 0
+
+
+class EvaluateSection(_Section):
+    """Systems answering ``data.eval``: the base and trained models, plus any responders."""
+
+    base: bool = True
+    trained: bool = True
+    responders: list[ResponderConfig] = Field(default_factory=list)
+    params: ParamsConfig = Field(default_factory=ParamsConfig)
+    metrics: list[str] | None = None  # None: the score section's metrics
+    batch_size: int = Field(8, ge=1)
+
+
+class ReportSection(_Section):
+    baseline: str | None = "base"
+    title: str | None = None
+    n_boot: int = Field(1000, ge=100)
+
+
+STAGES = ("data", "generate", "score", "pairs", "train", "evaluate", "report")
+
+
 class PipelineConfig(_Section):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: Path | None = None  # default: runs/<name>
+    seed: int = 0
+    data: DataSection | None = None
     generate: GenerateConfig | None = None
+    score: ScoreSection | None = None
+    pairs: PairsSection | None = None
     train: TrainConfig | None = None
+    evaluate: EvaluateSection | None = None
+    report: ReportSection | None = None
+    pal: PALConfig | None = None
+    sbs: SBSSection | None = None
 
 
 def load_config(path: str | Path) -> PipelineConfig:
@@ -118,12 +260,32 @@ def load_config(path: str | Path) -> PipelineConfig:
     base = path.parent
     if config.generate is not None:  # paths in a config are relative to the config file
         g = config.generate
-        g.dialogues, g.output = base / g.dialogues, base / g.output
+        g.dialogues = base / g.dialogues if g.dialogues is not None else None
+        g.output = base / g.output if g.output is not None else None
         if g.cache is not None:
             g.cache = base / g.cache
     if config.train is not None:
         t = config.train
-        t.data, t.output_dir = base / t.data, base / t.output_dir
+        t.data = base / t.data if t.data is not None else None
+        t.output_dir = base / t.output_dir if t.output_dir is not None else None
         if t.model.startswith(("./", "../", "/")) or (base / t.model).is_dir():
             t.model = str(base / t.model)
+    if config.data is not None:
+        d = config.data
+        d.train = _relative(base, d.train)
+        d.eval = _relative(base, d.eval) if d.eval is not None else None
+    if config.output_dir is not None:
+        config.output_dir = base / config.output_dir
+    for m in (config.pal, config.sbs):
+        if m is not None:
+            m.dialogues, m.output_dir = base / m.dialogues, base / m.output_dir
+            if m.model.startswith(("./", "../", "/")) or (base / m.model).is_dir():
+                m.model = str(base / m.model)
+            if m.evaluate is not None:
+                m.evaluate.dialogues = base / m.evaluate.dialogues
     return config
+
+
+def _relative(base: Path, location: str) -> str:
+    """A data location relative to the config file; ``sample:`` names stay as they are."""
+    return location if location.startswith("sample:") else str(base / location)

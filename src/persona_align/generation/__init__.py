@@ -1,11 +1,11 @@
 """Candidate generation: responders behind one registry, a resumable cache, a runner.
 
 Responders: ``hf`` (local transformers model), ``openai`` (any OpenAI-compatible server),
-``import`` (existing responses). Adding one is adding a module with a
-``@register_responder`` class and importing it here.
+``import`` (existing responses), ``reference`` (the dataset's gold reply). Adding one is
+adding a module with a ``@register_responder`` class and importing it here.
 """
 
-from persona_align.generation import hf, importer, openai_responder  # noqa: F401
+from persona_align.generation import hf, importer, openai_responder, reference  # noqa: F401
 from persona_align.generation.base import RESPONDERS, GenerationParams, Responder, make_responder
 from persona_align.generation.cache import GenerationCache
 from persona_align.generation.runner import run_responder

@@ -185,9 +185,14 @@ class CohLLMJudge(Metric):
     failure_value = 0.0
 
     def __init__(
-        self, model: str = "embedded", dtype: str = "float32", batch_size: int = 8
+        self,
+        model: str = "embedded",
+        dtype: str = "float32",
+        batch_size: int = 8,
+        share_prefix: bool = True,
     ) -> None:
         super().__init__()
+        self.share_prefix = share_prefix
         if dtype not in DTYPES:
             raise InputError(
                 None, f"metric {self.name!r}: dtype must be one of {', '.join(DTYPES)}"
@@ -246,23 +251,93 @@ class CohLLMJudge(Metric):
         ]
 
     def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
-        import torch
-
+        """Replies to one dialogue share the history, so its tokens are run once per dialogue
+        (a shared key-value prefix) and only each reply's own tokens run per reply."""
         texts = self.prompts(items)
-        model, tokenizer = self._model, self._tokenizer
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        yes = torch.tensor(self._yes, device=model.device)
-        no = torch.tensor(self._no, device=model.device)
+        ids = self._tokenizer(texts, add_special_tokens=False)["input_ids"]
         values: list[float | None] = [None] * len(items)
-        for batch in _length_batches([len(i) for i in ids], self.batch_size):
-            enc = tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
-            enc = enc.to(model.device)
-            # Left padding: positions count real tokens only, as for an unpadded prompt.
-            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            with torch.inference_mode():
-                logits = model(**enc, position_ids=positions, logits_to_keep=1).logits
-            logits = logits[:, -1, :].float()
-            margin = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
-            for index, value in zip(batch, torch.sigmoid(margin).tolist(), strict=True):
+        groups: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.dialogue.id, []).append(index)
+        alone = []
+        for group in groups.values():
+            keep = _shared_prefix([ids[i] for i in group]) if self.share_prefix else 0
+            if len(group) > 1 and keep >= MIN_SHARED_PREFIX:
+                for chunk in range(0, len(group), self.batch_size):
+                    part = group[chunk : chunk + self.batch_size]
+                    for index, value in zip(part, self._shared(ids, part, keep), strict=True):
+                        values[index] = value
+            else:
+                alone += group
+        for batch in _length_batches([len(ids[i]) for i in alone], self.batch_size):
+            indices = [alone[b] for b in batch]
+            for index, value in zip(indices, self._padded([ids[i] for i in indices]), strict=True):
                 values[index] = value
         return values
+
+    def _yes_probability(self, logits: Any) -> list[float]:
+        import torch
+
+        yes = torch.tensor(self._yes, device=logits.device)
+        no = torch.tensor(self._no, device=logits.device)
+        logits = logits[:, -1, :].float()
+        margin = logits[:, yes].logsumexp(-1) - logits[:, no].logsumexp(-1)
+        return torch.sigmoid(margin).tolist()
+
+    def _padded(self, rows: list[list[int]]) -> list[float]:
+        import torch
+
+        model = self._model
+        enc = self._tokenizer.pad({"input_ids": rows}, return_tensors="pt").to(model.device)
+        # Left padding: positions count real tokens only, as for an unpadded prompt.
+        positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
+            logits = model(**enc, position_ids=positions, logits_to_keep=1).logits
+        return self._yes_probability(logits)
+
+    def _shared(self, ids: list[list[int]], part: list[int], keep: int) -> list[float]:
+        """Run ``ids[part][:keep]`` once, then every suffix against copies of its cache.
+
+        Suffixes are left-padded between prefix and suffix; the attention mask hides the pads
+        and positions continue from the prefix, so each value is the unshared one up to float
+        rounding (tested).
+        """
+        import torch
+
+        model = self._model
+        device = model.device
+        with torch.inference_mode():
+            prefix = torch.tensor([ids[part[0]][:keep]], device=device)
+            cache = model(input_ids=prefix, use_cache=True).past_key_values
+            cache.batch_repeat_interleave(len(part))
+            enc = self._tokenizer.pad(
+                {"input_ids": [ids[i][keep:] for i in part]}, return_tensors="pt"
+            ).to(device)
+            suffix_mask = enc["attention_mask"]
+            mask = torch.cat(
+                [torch.ones(len(part), keep, dtype=suffix_mask.dtype, device=device), suffix_mask],
+                dim=1,
+            )
+            positions = keep + (suffix_mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=enc["input_ids"],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits
+        return self._yes_probability(logits)
+
+
+# Below this many shared tokens, a separate prefix pass costs more than it saves.
+MIN_SHARED_PREFIX = 16
+
+
+def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the common token prefix, leaving every row at least one token of its own."""
+    shortest = min(len(r) for r in rows)
+    keep = 0
+    while keep < shortest - 1 and all(r[keep] == rows[0][keep] for r in rows):
+        keep += 1
+    return keep

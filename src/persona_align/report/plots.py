@@ -183,13 +183,13 @@ def failure_vs_latency(summary: Mapping[str, Any]) -> bytes | None:
     if not points:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
     for (name, latency, failure), color in zip(points, _colors(len(points)), strict=True):
-        ax.scatter([latency], [failure], color=color, s=60, zorder=3)
-        ax.annotate(name, (latency, failure), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.scatter([latency], [failure], color=color, s=60, zorder=3, label=name)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # labels never overlap
     ax.set_xlabel("mean response time (s)")
     ax.set_ylabel("failure ratio")
-    ax.set_xlim(0, max(p[1] for p in points) * 1.25 or 1.0)  # room for the labels
+    ax.set_xlim(0, max(p[1] for p in points) * 1.1 or 1.0)
     ax.set_ylim(0, max(max(p[2] for p in points) * 1.15, 0.05))
     ax.grid(alpha=0.3)
     ax.set_title("failure ratio vs mean response time")

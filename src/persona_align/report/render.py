@@ -74,12 +74,13 @@ def sections(
             f"metrics: {', '.join(metrics) or 'none'}. Means ± population standard deviation "
             "over all replies; a failed reply (no extractable response) carries each metric's "
             "worst value (PersoBench's convention), so the failure ratio is part of every mean. "
-            f"Intervals: percentile bootstrap over replies, {n_boot} resamples.",
+            f"Time: mean response time. Intervals: percentile bootstrap over replies, {n_boot} "
+            "resamples.",
         )
     ]
     results = Section(
         "Results",
-        header=["system", "replies", "failure ratio", "mean time (s)", *metrics],
+        header=["system", "replies", "failure ratio", "time (s)", *metrics],
         right=set(range(1, 4 + len(metrics))),
     )
     intervals = Section(
@@ -240,11 +241,11 @@ def to_markdown(parts: list[Section], image_paths: Mapping[str, str]) -> str:
 
 
 _STYLE = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;
-max-width:1200px;padding:0 1rem;color:#1d1d1f;line-height:1.45}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5rem auto;
+max-width:1600px;padding:0 1rem;color:#1d1d1f;line-height:1.45}
 h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.85rem}
-th,td{border:1px solid #d0d0d0;padding:.25rem .5rem;vertical-align:top}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.8rem}
+th,td{border:1px solid #d0d0d0;padding:.2rem .35rem;vertical-align:top}
 th{background:#f3f3f3;white-space:nowrap}td:nth-child(-n+2){white-space:nowrap}td.r{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 tbody tr:nth-child(even){background:#fafafa}img{max-width:100%;height:auto}
 figure{margin:.5rem 0 1.5rem}.note{color:#555}.scroll{overflow-x:auto}

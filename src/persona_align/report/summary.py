@@ -113,8 +113,8 @@ def _per_dialogue(records: Sequence[ScoredCandidate], key: str) -> dict[str, flo
     for c in records:
         value = float(not c.valid) if key == FAILURE else c.scores.get(key)
         if value is not None:
-            sums.setdefault(c.dialogue_id, []).append(value)
-    return {k: float(np.mean(v)) for k, v in sums.items()}
+            sums.setdefault(c.dialogue_id, []).append(float(value))
+    return {k: v[0] if len(v) == 1 else sum(v) / len(v) for k, v in sums.items()}
 
 
 def compare_to_baseline(
@@ -128,13 +128,15 @@ def compare_to_baseline(
         raise InputError(
             None, f"--baseline {baseline!r} is not a system; systems: {', '.join(systems)}"
         )
+    keys = [*metrics, FAILURE]
+    reference = {key: _per_dialogue(systems[baseline], key) for key in keys}
     out: dict[str, dict[str, dict[str, float] | None]] = {}
     for name, records in systems.items():
         if name == baseline:
             continue
         out[name] = {}
-        for key in [*metrics, FAILURE]:
-            a, b = _per_dialogue(records, key), _per_dialogue(systems[baseline], key)
+        for key in keys:
+            a, b = _per_dialogue(records, key), reference[key]
             out[name][key] = paired_test(a, b, seed=seed) if set(a) & set(b) else None
     return out
 

@@ -62,6 +62,14 @@ def device_defaults() -> DeviceDefaults:
     return DeviceDefaults("cpu", "fp32", 2, 1, False)
 
 
+def run_paths(config: TrainConfig) -> tuple[Path, Path]:
+    """(data file, run folder); both are required once a trainer actually runs."""
+    for key in ("data", "output_dir"):
+        if getattr(config, key) is None:
+            raise InputError(None, "missing", field=f"train.{key}")
+    return Path(config.data), Path(config.output_dir)  # type: ignore[arg-type]
+
+
 def trainer_arguments(config: TrainConfig) -> dict[str, Any]:
     """The transformers/TRL arguments this config implies, device defaults filled in."""
     defaults = device_defaults()

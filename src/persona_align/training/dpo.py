@@ -33,6 +33,7 @@ from persona_align.training.common import (
     lora_config,
     quiet_training_logs,
     resume_checkpoint,
+    run_paths,
     trainer_arguments,
     without_printer,
 )
@@ -146,10 +147,10 @@ def train_dpo(
 ) -> dict[str, Any]:
     """Score-weighted (or vanilla) DPO with LoRA by default; returns the run summary."""
     began = time.perf_counter()
-    output_dir = Path(config.output_dir)
+    data, output_dir = run_paths(config)
     checkpoint = resume_checkpoint(output_dir, resume)
-    pairs, identical = load_pairs(Path(config.data))
-    weights = pair_weights(pairs, config.weighting, Path(config.data))
+    pairs, identical = load_pairs(data)
+    weights = pair_weights(pairs, config.weighting, data)
     model, tokenizer = load_for_training(config.model)
     lengths = check_lengths(
         tokenizer,
@@ -171,7 +172,7 @@ def train_dpo(
         if p.dialogue_id not in dropped
     ]
     if not rows:
-        raise InputError(config.data, f"every prompt is longer than max_length={config.max_length}")
+        raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
     with quiet_training_logs():
         args = WeightedDPOConfig(
             **trainer_arguments(config),

@@ -26,6 +26,7 @@ from persona_align.training.common import (
     lora_config,
     quiet_training_logs,
     resume_checkpoint,
+    run_paths,
     trainer_arguments,
     without_printer,
 )
@@ -36,11 +37,11 @@ def train_sft(
 ) -> dict[str, Any]:
     """Fine-tune on ``SFTExample`` records (LoRA by default); returns the run summary."""
     began = time.perf_counter()
-    output_dir = Path(config.output_dir)
+    data, output_dir = run_paths(config)
     checkpoint = resume_checkpoint(output_dir, resume)
-    examples = read_records(Path(config.data), SFTExample)
+    examples = read_records(data, SFTExample)
     if not examples:
-        raise InputError(config.data, "no SFT examples")
+        raise InputError(data, "no SFT examples")
     model, tokenizer = load_for_training(config.model)
     keys = [f"{e.dialogue_id}/{e.task}/{i}" for i, e in enumerate(examples)]
     lengths = check_lengths(
@@ -57,7 +58,7 @@ def train_sft(
         if key not in dropped
     ]
     if not rows:
-        raise InputError(config.data, f"every prompt is longer than max_length={config.max_length}")
+        raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
     with quiet_training_logs():
         args = SFTConfig(**trainer_arguments(config), completion_only_loss=True)
         trainer = without_printer(

@@ -1,0 +1,157 @@
+"""`persona-align run`: every stage end to end, skipped when unchanged, bad configs refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+STAGES = ["data", "generate", "score", "pairs", "train", "evaluate", "report"]
+
+
+def tiny_config(model: Path, **changes: object) -> dict:
+    config = {
+        "name": "tiny",
+        "output_dir": "run",
+        "data": {"train": "sample:train", "eval": "sample:valid", "limit": 4, "eval_limit": 3},
+        "generate": {
+            "responders": [
+                {"kind": "hf", "model": str(model), "name": "tiny"},
+                {"kind": "reference", "name": "gold", "format": "json"},
+                {"kind": "reference", "name": "gold-plain", "format": "text"},
+            ],
+            "params": {"max_new_tokens": 12},
+            "use_cache": False,
+        },
+        "score": {"metrics": ["lfc", "dist-1"], "use_cache": False},
+        "pairs": {"rule": "quantile", "weights": {"lfc": 1.0}},
+        "train": {
+            "model": str(model),
+            "max_steps": 2,
+            "batch_size": 2,
+            "save_steps": 1,
+            "lora": {"r": 4, "alpha": 8},
+        },
+        "evaluate": {"params": {"max_new_tokens": 12}},
+        "report": {"baseline": "base", "n_boot": 100},
+    }
+    for key, value in changes.items():
+        section, _, field = key.partition(".")
+        if field:
+            config[section][field] = value
+        else:
+            config[section] = value
+    return config
+
+
+def write(folder: Path, config: dict) -> Path:
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def stage_status(result) -> dict[str, bool]:
+    return {name: entry["skipped"] for name, entry in result.summary["stages"].items()}
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_run_end_to_end_then_skip_then_from(cli, isolated: Path, tiny_llama_dir: Path) -> None:
+    config = write(isolated, tiny_config(tiny_llama_dir))
+    first = cli("run", str(config), "--json")
+    assert first.code == 0, first.err
+    assert stage_status(first) == dict.fromkeys(STAGES, False)
+    run = isolated / "run"
+    for name in STAGES:
+        manifest = json.loads((run / name / "manifest.json").read_text())
+        assert manifest["stage"] == name and len(manifest["key"]) == 64
+        assert {"torch", "transformers", "trl", "python"} <= set(manifest["versions"])
+        assert "git_revision" in manifest and manifest["seconds"] >= 0
+        assert all(Path(p).exists() for p in manifest["outputs"].values())
+    data = json.loads((run / "data" / "manifest.json").read_text())
+    assert set(data["inputs"]) == {"train", "eval"}  # the sample files, hashed
+    stages = first.summary["stages"]
+    assert stages["generate"]["responders"]["gold"] == {"candidates": 4, "valid": 4}
+    assert stages["generate"]["responders"]["gold-plain"]["valid"] == 0
+    assert stages["pairs"]["records"] > 0
+    assert stages["train"]["steps"] == 2
+    assert set(stages["report"]["systems"]) == {"base", "trained"}
+    html = (run / "report" / "report.html").read_text()
+    assert "<table" in html and "data:image/png;base64" in html
+    assert "training" in (run / "report" / "report.md").read_text().lower()
+
+    again = cli("run", str(config), "--json")
+    assert again.code == 0 and stage_status(again) == dict.fromkeys(STAGES, True)
+
+    forced = cli("run", str(config), "--from", "pairs", "--json")
+    assert forced.code == 0
+    assert stage_status(forced) == {n: n in ("data", "generate", "score") for n in STAGES}
+
+    changed = write(isolated, tiny_config(tiny_llama_dir, **{"train.max_steps": 1}))
+    rerun = cli("run", str(changed), "--json")
+    assert rerun.code == 0
+    assert stage_status(rerun) == {n: n not in ("train", "evaluate", "report") for n in STAGES}
+    assert rerun.summary["stages"]["train"]["steps"] == 1
+
+
+def test_a_crash_keeps_completed_stages(
+    cli, isolated: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import persona_align.training.dpo as dpo
+
+    config = write(isolated, tiny_config(tiny_llama_dir, evaluate=None, report=None))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(dpo, "train_dpo", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        cli("run", str(config))
+    run = isolated / "run"
+    assert all((run / n / "manifest.json").exists() for n in ("data", "generate", "score", "pairs"))
+    assert not (run / "train" / "manifest.json").exists()
+    monkeypatch.undo()
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(isolated / "cache"))
+    result = cli("run", str(config), "--json")
+    assert result.code == 0, result.err
+    assert stage_status(result) == {"data": True, "generate": True, "score": True,
+                                    "pairs": True, "train": False}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"train.optimiser": "adam"}, "train.optimiser"),
+        ({"train.max_steps": "many"}, "train.max_steps"),
+        ({"pairs": None}, "train"),
+        ({"score": None}, "pairs"),
+        ({"data.train": "missing.jsonl"}, "missing.jsonl"),
+        ({"pairs.weights": {"coh-smollm2": 1.0}}, "pairs.weights"),
+        ({"train": None}, "evaluate.trained"),
+        ({"generate.responders": [{"kind": "nope"}]}, "nope"),
+        ({"stage9": {}}, "stage9"),
+        ({"score.metrics": ["lfc", "bogus"]}, "score.metrics"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(
+    cli, isolated: Path, tiny_llama_dir: Path, change: dict, expected: str
+) -> None:
+    config = tiny_config(tiny_llama_dir)
+    for key, value in change.items():
+        section, _, field = key.partition(".")
+        if field:
+            config[section][field] = value
+        elif value is None:
+            del config[section]
+        else:
+            config[section] = value
+    result = cli("run", str(write(isolated, config)))
+    assert result.code == 2, result.err
+    assert expected in result.err and len(result.err.strip().splitlines()) == 1
+    assert not (isolated / "run" / "generate").exists()

@@ -87,7 +87,7 @@ class ReferenceProbe(TrainerCallback):
         self.tokenizer = tokenizer
         self.reference: torch.Tensor | None = None
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         with model.disable_adapter():
             self.reference = logits(model, self.tokenizer)
 
@@ -168,7 +168,7 @@ def test_stage2_trains_on_top_of_the_stage1_model(
     meta = json.loads((run / "stage2" / "model" / "persona-align.json").read_text())
     assert meta["base_model"] == str((run / "stage1" / "model").resolve())
     # first DPO step: policy == reference, so the unweighted loss is exactly log 2
-    first = [e for e in read_training_log(run / "stage2" / "log.jsonl") if "loss" in e][0]
+    first = next(e for e in read_training_log(run / "stage2" / "log.jsonl") if "loss" in e)
     assert first["loss"] == pytest.approx(math.log(2), rel=1e-4)
     assert pal_run["summary"]["stage2"]["weighting"] == "one"
     # and that reference is the stage-1 model (merged), which differs from the base model
@@ -182,11 +182,12 @@ def test_stage2_trains_on_top_of_the_stage1_model(
     assert not torch.allclose(stage2, stage1, atol=1e-6)  # stage 2 loads over stage 1 and moved
 
 
-def test_pal_rerun_skips_finished_stages(cli, pal_run: dict[str, Any], tmp_path: Path) -> None:
+def test_pal_rerun_skips_finished_stages(
+    cli, pal_run: dict[str, Any], tmp_path: Path, tiny_llama_dir: Path
+) -> None:
     run = tmp_path / "pal-run"
     shutil.copytree(pal_run["folder"] / "pal-run", run)
-    section = pal_section(Path(pal_run["summary"]["stage1"]["model_dir"]).parents[2] / "x")
-    section["model"] = yaml.safe_load(pal_run["config"].read_text())["pal"]["model"]
+    section = pal_section(tiny_llama_dir)
     config = write_config(tmp_path, {"pal": section})
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
 
@@ -218,7 +219,7 @@ def sbs_section(model: Path) -> dict[str, Any]:
         "max_dialogues": 4,
         "output_dir": "sbs-run",
         "data": {"max_augmentations": 1},
-        "train": {"max_steps": 2, "batch_size": 1, "lora": TINY_LORA, "save_steps": 1},
+        "train": {"max_steps": 3, "batch_size": 1, "lora": TINY_LORA, "save_steps": 1},
         "evaluate": {
             "dialogues": str(SAMPLE / "valid.jsonl"),
             "max_dialogues": 2,
@@ -228,8 +229,10 @@ def sbs_section(model: Path) -> dict[str, Any]:
 
 
 class CrashAt(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == 1:
+    """Fails at step 2, after step 1's checkpoint was saved."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 2:
             raise RuntimeError("simulated crash")
 
 
@@ -240,9 +243,7 @@ def test_sbs_end_to_end_with_a_crash_and_resume(
 
     config = write_config(tmp_path, {"sbs": sbs_section(tiny_llama_dir)})
     original = sft.train_sft
-    monkeypatch.setattr(
-        sft, "train_sft", lambda c, resume=False: original(c, resume, [CrashAt()])
-    )
+    monkeypatch.setattr(sft, "train_sft", lambda c, resume=False: original(c, resume, [CrashAt()]))
     with pytest.raises(RuntimeError, match="simulated crash"):
         cli("train", "sbs", "--config", config)
     monkeypatch.setattr(sft, "train_sft", original)
@@ -255,7 +256,7 @@ def test_sbs_end_to_end_with_a_crash_and_resume(
     assert result.code == 0, result.err
     summary = result.summary
     assert summary["skipped"] == ["augment"] and summary["ran"] == ["train", "evaluate"]
-    assert summary["train"]["resumed_from"] == "checkpoint-1" and summary["train"]["steps"] == 2
+    assert summary["train"]["resumed_from"] == "checkpoint-1" and summary["train"]["steps"] == 3
 
     examples = read_records(run / "sft.jsonl", SFTExample)
     augment = summary["augment"]

@@ -260,6 +260,21 @@ def test_identical_pairs_run_once_in_length_sorted_batches(tiny_nli: Path) -> No
     assert (batched[6:12] == batched[:6]).all()
 
 
+def test_c_and_ue_share_one_model_and_its_results(tiny_nli: Path) -> None:
+    c, ue = make_metric("c", model=str(tiny_nli)), make_metric("ue", model=str(tiny_nli))
+    assert c.nli is ue.nli and make_metric("c", model=str(tiny_nli), batch_size=3).nli is not c.nli
+    items = [ScoreItem(*item("my dog is called rex .", reference="i have a dog .", i=i))
+             for i in range(3)]  # fmt: skip
+    c.nli.forwarded = 0
+    c.nli._memo.clear()
+    first = c.score(items)
+    assert c.nli.forwarded == 1  # three identical (persona, reply) pairs: one forward
+    ue.score(items)
+    assert c.nli.forwarded == 2  # only the (reference, reply) pair was new
+    fresh = make_metric("c", model=str(tiny_nli), batch_size=3)  # its own model, no memo
+    assert fresh.score(items) == first
+
+
 def test_unresolvable_models_are_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -314,6 +329,7 @@ def item(response: str | None, reference: str | None = "My dog is called Rex.", 
 def fake_nli(metric, labels: dict[tuple[str, str], str]) -> list[list[tuple[str, str]]]:
     """Replace the metric's model by a lookup table; returns the pair lists it was asked."""
     calls: list[list[tuple[str, str]]] = []
+    metric.nli = NLIModel(metric.nli.name)  # not the process-wide shared instance
 
     def predict(pairs, on_batch=None):
         calls.append(list(pairs))

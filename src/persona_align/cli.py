@@ -629,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code; InputError becomes exit 2 with one line on stderr."""
     # our own rich progress bars report long work; the libraries' tqdm bars would interleave
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF conversion bar
     try:
         app(args=argv, prog_name="persona-align")
     except InputError as err:

@@ -102,7 +102,7 @@ def bench_command(
     names = [n.strip() for n in metrics.split(",") if n.strip()]
     log = None
     if training_log is not None:
-        from persona_align.training.curves import read_training_log  # imports transformers
+        from persona_align.training.curves import read_training_log
 
         if not training_log.is_file():
             raise InputError(training_log, "file does not exist")

@@ -203,16 +203,29 @@ def adapter_base(folder: str | Path) -> str | None:
     """The base model a PEFT adapter folder was trained on, or None for a full checkpoint.
 
     Our trainers record the base by its config name (``embedded``, a hub id, a path) in
-    ``persona-align.json``, so an adapter stays loadable after the cache folder moves.
+    ``persona-align.json``, so an adapter stays loadable after the cache folder moves; other
+    adapters name it in ``adapter_config.json``.
     """
     folder = Path(folder)
-    if not (folder / "adapter_config.json").exists():
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
         return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(config_path, f"not a readable adapter config ({err})") from None
+    if not isinstance(config, dict):
+        raise InputError(config_path, "expected a JSON object")
+    task = config.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise InputError(config_path, f"adapter is for {task}, not a causal LM", field="task_type")
     meta = folder / ADAPTER_META
-    if meta.exists():
+    if meta.is_file():
         return str(json.loads(meta.read_text(encoding="utf-8"))["base_model"])
-    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
-    return str(config["base_model_name_or_path"])
+    base = config.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise InputError(config_path, "names no base model", field="base_model_name_or_path")
+    return base
 
 
 def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
@@ -241,7 +254,8 @@ def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
         model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
-    except OSError as err:
-        raise InputError(None, f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    except (OSError, ValueError) as err:  # ValueError: e.g. a folder without a tokenizer
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError(None, f"cannot load model {name!r}: {first}") from None
     model.eval()
     return model, tokenizer

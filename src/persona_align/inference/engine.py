@@ -9,7 +9,6 @@ and the chat loop only ever call ``policy.validate`` and ``policy.reply``.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -206,45 +205,18 @@ class Engine:
         )
 
 
-def _adapter_base(adapter: Path) -> str:
-    config_path = adapter / "adapter_config.json"
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(config_path, f"not a readable adapter config ({err})") from None
-    if not isinstance(config, dict):
-        raise InputError(config_path, "expected a JSON object")
-    task = config.get("task_type")
-    if task not in (None, "CAUSAL_LM"):
-        raise InputError(config_path, f"adapter is for {task}, not a causal LM", field="task_type")
-    base = config.get("base_model_name_or_path")
-    if not isinstance(base, str) or not base:
-        raise InputError(config_path, "names no base model", field="base_model_name_or_path")
-    return base
-
-
 def load_engine(name: str, dtype: str = "float32") -> Engine:
-    """``embedded``, a checkpoint folder, a hub id, or a PEFT adapter folder (merged into its base).
-
-    An adapter's tokenizer is the one saved beside it when there is one, else its base model's.
-    """
+    """``embedded``, a checkpoint folder, a hub id, or a PEFT adapter folder (merged into its
+    base by ``models.load_causal_lm``; its own tokenizer when one is saved beside it)."""
     if dtype not in DTYPES:
         raise InputError(None, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(name).expanduser()
-    if not (path / "adapter_config.json").is_file():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise InputError(path, "not a model folder: no config.json or adapter_config.json")
-        model, tokenizer = load_causal_lm(name, dtype)
-        return Engine(model, tokenizer, name)
-    from peft import PeftModel
-    from transformers import AutoTokenizer
-
-    model, tokenizer = load_causal_lm(_adapter_base(path), dtype)
-    if (path / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    merged = PeftModel.from_pretrained(model, path).merge_and_unload()
-    merged.eval()
-    return Engine(merged, tokenizer, name)
+    if path.is_dir() and not any(
+        (path / f).is_file() for f in ("config.json", "adapter_config.json")
+    ):
+        raise InputError(path, "not a model folder: no config.json or adapter_config.json")
+    model, tokenizer = load_causal_lm(name, dtype)
+    return Engine(model, tokenizer, name)
 
 
 def served_name(name: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, register_metric
-from persona_align.metrics.nli import EMBEDDED_NLI, NLIModel, Pair
+from persona_align.metrics.nli import EMBEDDED_NLI, Pair, shared_nli
 from persona_align.records import Dialogue
 
 C_VALUE = {"entailment": 1.0, "neutral": 0.0, "contradiction": -1.0}
@@ -47,7 +47,7 @@ class _NLIMetric(Metric):
         if not isinstance(model, str) or not model.strip():
             raise InputError(None, f"metric {self.name!r}: model must be a name, got {model!r}")
         try:
-            self.nli = NLIModel(model, dtype=dtype, batch_size=batch_size)
+            self.nli = shared_nli(model, dtype=dtype, batch_size=batch_size)
         except InputError as err:
             raise InputError(None, f"metric {self.name!r}: {err}") from None
 

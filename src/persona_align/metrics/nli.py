@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -74,6 +75,20 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+# Results kept per loaded model; a pair is three floats, so this holds a few MB.
+MEMO_SIZE = 100_000
+_SHARED: dict[tuple[str, str, int], NLIModel] = {}
+
+
+def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int = 64) -> NLIModel:
+    """One NLIModel per (name, dtype, batch size) in a process: C and UE then load the model
+    once, and UE's (persona, reply) pairs — the very pairs C scores — come from its memo."""
+    key = (name, dtype, batch_size)
+    if key not in _SHARED:
+        _SHARED[key] = NLIModel(name, dtype=dtype, batch_size=batch_size)
+    return _SHARED[key]
+
+
 class NLIModel:
     """Batched 3-way NLI: ``predict([(premise, hypothesis), ...])`` → labels.
 
@@ -102,6 +117,9 @@ class NLIModel:
         self.model: Any = None
         self.tokenizer: Any = None
         self._order: list[int] = []
+        # recent results by pair: C and UE ask for the same (persona, reply) pairs
+        self._memo: OrderedDict[Pair, np.ndarray] = OrderedDict()
+        self.forwarded = 0  # pairs that went through the model (the rest came from the memo)
 
     def _locate(self) -> tuple[str, bool]:
         """(what to load, whether it is a PEFT adapter folder); Unavailable when unresolvable."""
@@ -152,12 +170,20 @@ class NLIModel:
 
         ``on_batch(n)`` is called after each batch with the number of unique pairs it held.
         """
+        self.load()
+        if not pairs:
+            return np.zeros((0, len(LABELS)), dtype=np.float32)
+        unique = [p for p in dict.fromkeys(pairs) if p not in self._memo]
+        fresh = dict(zip(unique, self._forward(unique, on_batch), strict=True)) if unique else {}
+        found = np.stack([fresh[p] if p in fresh else self._memo[p] for p in pairs])
+        self._memo.update(fresh)
+        while len(self._memo) > MEMO_SIZE:
+            self._memo.popitem(last=False)
+        return found
+
+    def _forward(self, unique: list[Pair], on_batch: Callable[[int], None] | None) -> np.ndarray:
         import torch
 
-        self.load()
-        unique = list(dict.fromkeys(pairs))
-        if not unique:
-            return np.zeros((0, len(LABELS)), dtype=np.float32)
         encoded = self.tokenizer(
             [premise for premise, _ in unique],
             [hypothesis for _, hypothesis in unique],
@@ -177,8 +203,8 @@ class NLIModel:
                 found[rows] = torch.softmax(logits[:, order], dim=-1).numpy()
                 if on_batch is not None:
                     on_batch(len(rows))
-        index = {pair: i for i, pair in enumerate(unique)}
-        return found[[index[pair] for pair in pairs]]
+        self.forwarded += len(unique)
+        return found
 
     def predict(
         self, pairs: Sequence[Pair], on_batch: Callable[[int], None] | None = None

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -28,10 +29,10 @@ from persona_align.errors import InputError
 from persona_align.models import ADAPTER_META, load_causal_lm
 from persona_align.records import Message, atomic_open
 from persona_align.training.curves import (
-    ConsoleLogCallback,
-    JsonlLogCallback,
+    finite,
     plot_training_curves,
     read_training_log,
+    truncate_log,
 )
 
 # LoRA learns at a far higher rate than full fine-tuning (PersoDPO's 1e-6 is for a full model).
@@ -210,6 +211,43 @@ def file_dataset(rows: list[dict[str, Any]], output_dir: Path) -> Any:
             handle.write(text)
     cache = output_dir / "data" / "cache"
     return load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Appends each training log (with its step and epoch) to a JSONL file on the main process."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.is_world_process_zero:
+            truncate_log(self.path, state.global_step)
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs:
+            return
+        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
+        entry = {k: v for k, v in entry.items() if isinstance(v, int | float | str)}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+class ConsoleLogCallback(TrainerCallback):
+    """One short line per log on stderr instead of the Trainer's raw dicts."""
+
+    KEYS = (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc"),
+            ("grad_norm", "grad"), ("learning_rate", "lr"))  # fmt: skip
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
+    ) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        parts = [f"{label} {logs[key]:.4g}" for key, label in self.KEYS if finite(logs.get(key))]
+        print(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts), file=sys.stderr)
 
 
 class RankFingerprintCallback(TrainerCallback):

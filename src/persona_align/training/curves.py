@@ -1,18 +1,16 @@
 """Per-step training logs kept in the run folder, and the curves of PersoDPO's Fig. 2.
 
-Every log the Trainer emits becomes one JSON line in ``log.jsonl``; on ``--resume`` the lines
-after the checkpoint's step are dropped first, so the file never holds a step twice.
+Every log the Trainer emits becomes one JSON line in ``log.jsonl`` (``training.common``'s
+callbacks write it); on ``--resume`` the lines after the checkpoint's step are dropped first,
+so the file never holds a step twice. Reading and plotting need no transformers import.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import IO, Any
-
-from transformers import TrainerCallback
 
 from persona_align.records import atomic_open
 
@@ -32,43 +30,6 @@ _TITLES = {
     "logps/chosen": "log-prob of chosen",
     "logps/rejected": "log-prob of rejected",
 }
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Appends each training log (with its step and epoch) to a JSONL file on the main process."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            truncate_log(self.path, state.global_step)
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if not state.is_world_process_zero or not logs:
-            return
-        entry = {"step": state.global_step, "epoch": state.epoch, **logs}
-        entry = {k: v for k, v in entry.items() if isinstance(v, int | float | str)}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry, sort_keys=True) + "\n")
-
-
-class ConsoleLogCallback(TrainerCallback):
-    """One short line per log on stderr instead of the Trainer's raw dicts."""
-
-    KEYS = (("loss", "loss"), ("rewards/margins", "margin"), ("rewards/accuracies", "acc"),
-            ("grad_norm", "grad"), ("learning_rate", "lr"))  # fmt: skip
-
-    def on_log(
-        self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any
-    ) -> None:
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        parts = [f"{label} {logs[key]:.4g}" for key, label in self.KEYS if _finite(logs.get(key))]
-        print(f"step {state.global_step}/{state.max_steps}  " + "  ".join(parts), file=sys.stderr)
 
 
 def read_training_log(path: str | Path) -> list[dict[str, Any]]:
@@ -104,14 +65,14 @@ def plot_training_curves(log: list[dict[str, Any]], target: str | Path | IO[byte
     from matplotlib.ticker import MaxNLocator
 
     steps = [e for e in log if "train_runtime" not in e]
-    keys = [k for k in CURVE_KEYS if any(_finite(e.get(k)) for e in steps)]
+    keys = [k for k in CURVE_KEYS if any(finite(e.get(k)) for e in steps)]
     if not keys:
         return []
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
-        points = [(e["step"], e[key]) for e in steps if _finite(e.get(key))]
+        points = [(e["step"], e[key]) for e in steps if finite(e.get(key))]
         ax.plot(
             [p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 40 else None
         )
@@ -131,5 +92,5 @@ def plot_training_curves(log: list[dict[str, Any]], target: str | Path | IO[byte
     return keys
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)

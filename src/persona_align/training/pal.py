@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,8 @@ class StageLedger:
         self, name: str, outputs: list[Path], work: Callable[[], dict[str, Any]]
     ) -> dict[str, Any]:
         """The stage's summary: the recorded one when it finished with the same fingerprint and
-        its outputs exist, else what ``work()`` returns (recorded once it has finished)."""
+        its outputs exist, else what ``work()`` returns (recorded once it has finished), with
+        the stage's wall-clock ``seconds`` unless the work reported its own."""
         entry = self.stages.get(name)
         print_ = self.prints[name]
         finished = entry and entry["fingerprint"] == print_ and entry.get("done")
@@ -128,7 +130,9 @@ class StageLedger:
             return dict(entry["summary"])
         self.stages[name] = {"fingerprint": print_, "done": False, "summary": {}}
         self._write()
-        result = work()
+        began = time.perf_counter()
+        result = dict(work())
+        result.setdefault("seconds", round(time.perf_counter() - began, 1))
         self.stages[name] = {"fingerprint": print_, "done": True, "summary": dict(result)}
         self._write()
         self.ran.append(name)

@@ -1,0 +1,138 @@
+"""Seconds per optimizer step and peak memory: our DPO trainer vs TRL's stock full fine-tune.
+
+Same model (the embedded SmolLM2), same pairs, batch and sequence length, same run. Ours is
+the score-weighted trainer with LoRA and precomputed reference log-probs (the reference pass
+runs once before training and is reported apart); the stock baseline is TRL's DPOTrainer
+fine-tuning every weight against a frozen reference copy. Each configuration runs in its own
+process, so peak RSS is its own.
+
+    .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--batch 2] [--pairs 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = ("stock-full", "ours-lora-precomputed")
+
+
+def make_pairs(count: int) -> list[dict[str, Any]]:
+    """PersoBench prompts of the bundled sample dialogues; chosen = gold JSON, rejected = bare."""
+    from persona_align.pipeline import data_location
+    from persona_align.prompting import persobench_messages
+    from persona_align.records import Dialogue, read_records
+
+    dialogues = read_records(data_location("sample:train"), Dialogue)
+    rows = []
+    for dialogue in (dialogues * (count // len(dialogues) + 1))[:count]:
+        gold = dialogue.reference or "I see."
+        rows.append({
+            "prompt": [m.model_dump() for m in persobench_messages(dialogue)],
+            "chosen": [{"role": "assistant", "content": json.dumps({"response": gold})}],
+            "rejected": [{"role": "assistant", "content": gold}],
+            "weight": 0.6,
+        })  # fmt: skip
+    return rows
+
+
+def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[str, Any]:
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from persona_align.models import load_causal_lm
+    from persona_align.training.dpo import WeightedDPOConfig, WeightedDPOTrainer
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm("embedded")
+    model.train()
+    rows = make_pairs(pairs)
+    step_times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_times.append(time.perf_counter() - self.began)
+
+    common = {"output_dir": str(out / config), "per_device_train_batch_size": batch,
+              "max_steps": steps, "learning_rate": 1e-6, "beta": 0.1, "use_cpu": True,
+              "bf16": False, "gradient_checkpointing": False, "report_to": [],
+              "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
+              "max_length": 1024}  # fmt: skip
+    began = time.perf_counter()
+    if config == "stock-full":
+        trainer = DPOTrainer(
+            model=model, args=DPOConfig(**common), processing_class=tokenizer,
+            train_dataset=Dataset.from_list(rows).remove_columns("weight"), callbacks=[Timer()],
+        )  # fmt: skip
+    else:
+        from peft import LoraConfig
+
+        lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")  # fmt: skip
+        trainer = WeightedDPOTrainer(
+            model=model, args=WeightedDPOConfig(**common, precompute_ref_log_probs=True),
+            processing_class=tokenizer, train_dataset=Dataset.from_list(rows), peft_config=lora,
+            callbacks=[Timer()],
+        )  # fmt: skip
+    setup = time.perf_counter() - began
+    trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    measured = step_times[1:] or step_times  # the first step pays one-off warm-up costs
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True))
+               for r in rows[:batch]]  # fmt: skip
+    return {
+        "config": config,
+        "s_per_step": sum(measured) / len(measured),
+        "setup_s": setup,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "losses": losses,
+        "tokens_per_sequence": sum(lengths) / len(lengths),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--one", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench-dpo"))
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_one(args.one, args.steps, args.batch, args.pairs, args.out)))
+        return
+    results = {}
+    for config in CONFIGS:
+        done = subprocess.run(
+            [sys.executable, __file__, "--one", config, "--steps", str(args.steps),
+             "--batch", str(args.batch), "--pairs", str(args.pairs), "--out", str(args.out)],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
+        results[config] = json.loads(done.stdout.strip().splitlines()[-1])
+    stock, ours = results["stock-full"], results["ours-lora-precomputed"]
+    print(f"embedded SmolLM2-135M, fp32, batch {args.batch}, {args.steps} steps, "
+          f"~{stock['tokens_per_sequence']:.0f} tokens per sequence")  # fmt: skip
+    print("| trainer | s / optimizer step | setup s (incl. reference pass) | peak RSS MB |")
+    print("|---|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['s_per_step']:.2f} | {r['setup_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    print(f"\nstep-time ratio ours/stock: {ours['s_per_step'] / stock['s_per_step']:.2f}x "
+          "(target <= 0.5x)")  # fmt: skip
+    print(f"memory ratio ours/stock: {ours['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

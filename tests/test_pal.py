@@ -486,8 +486,21 @@ def test_select_then_generate_with_a_tiny_model(
         assert s.index == stg.match_persona(s.raw, d.persona)[0]
         assert c.prompt_hash == messages_hash(persona_messages(d, s.selected, "text", 30))
         assert c.valid == bool(c.raw.strip())
-    policy = stg.SelectThenGeneratePolicy(model, tokenizer, params, text)
-    reply = policy.reply(sample[0].persona, sample[0].context)
-    assert isinstance(reply, str)
-    with pytest.raises(InputError, match="persona"):
-        policy.reply([], sample[0].context)
+    from persona_align.inference.engine import (
+        Conversation,
+        Engine,
+        ReplyError,
+        ReplyParams,
+        make_policy,
+    )
+
+    policy = make_policy("select-then-generate", Engine(model, tokenizer, "tiny"), config=text)
+    conversation = Conversation(persona=sample[0].persona, context=sample[0].context)
+    reply = policy.reply(conversation, ReplyParams(max_tokens=6))
+    _, raw, _ = stg.select_then_generate_one(
+        model, tokenizer, sample[0].persona, sample[0].context, params, config=text
+    )
+    assert reply.raw == raw and reply.policy == "select-then-generate"
+    assert reply.completion_tokens > 0 and reply.prompt_tokens > 0
+    with pytest.raises(ReplyError, match="persona"):
+        policy.validate(Conversation(persona=[], context=sample[0].context))

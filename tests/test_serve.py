@@ -469,3 +469,21 @@ def test_cli_serve_end_to_end(tiny_llama_dir: Path) -> None:
     assert summary["command"] == "serve"
     assert summary["requests"] == 3 and summary["by_status"] == {"200": 2, "404": 1}
     assert "POST /v1/chat/completions 200" in err  # the access log
+
+
+def test_select_then_generate_policy_behind_the_server(engine: Engine) -> None:
+    from persona_align.inference import select_generate
+
+    policy = make_policy("select-then-generate", engine)
+    with ChatServer(policy, MODEL_ID, port=0, limits=LIMITS) as server:
+        status, payload, _ = call(server, "POST", "/v1/chat/completions", chat_body(max_tokens=8))
+        assert status == 200, payload
+        assert payload["persona_align"]["policy"] == "select-then-generate"
+        _, raw, _ = select_generate.select_then_generate_one(
+            engine.model, engine.tokenizer, PERSONA, dialogue().context,
+            GenerationParams(max_new_tokens=8),
+        )  # fmt: skip
+        assert payload["persona_align"]["raw"] == raw
+        status, payload, _ = call(server, "POST", "/v1/chat/completions",
+                                  chat_body(messages=[{"role": "user", "content": "hi"}]))  # fmt: skip
+        assert status == 400 and "persona" in assert_error(payload)

@@ -40,7 +40,8 @@ PromptOpt = Annotated[
     typer.Option(
         "--prompt",
         help="persobench: the PersoBench prompt, reply extracted from its JSON; "
-        "raw: the messages straight through the chat template.",
+        "raw: the messages straight through the chat template; select-then-generate: PAL's "
+        "two passes (for models from `train pal`).",
     ),
 ]
 DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (CPU: float32).")]
@@ -54,6 +55,7 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
 
 def load_policy(model_dir: str, prompt: str, dtype: str) -> ReplyPolicy:
     """The engine and the reply policy named by ``--prompt``, loaded with a spinner on stderr."""
+    from persona_align.inference import select_generate  # noqa: F401 - registers its policy
     from persona_align.inference.engine import POLICIES, load_engine, make_policy
 
     if prompt not in POLICIES:

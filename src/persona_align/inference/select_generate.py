@@ -14,7 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -23,7 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from persona_align.errors import InputError
 from persona_align.generation.base import GenerationParams, Result
-from persona_align.models import load_causal_lm
+from persona_align.inference.engine import (
+    Reply,
+    ReplyError,
+    ReplyParams,
+    ReplyPolicy,
+    register_policy,
+)
 from persona_align.preference.pal import (
     NO_PERSONA,
     PALDataConfig,
@@ -384,32 +390,54 @@ def select_then_generate_one(
     return selections[0].selected, raw, read_reply(raw, config.response_format, params)
 
 
-@dataclass
-class SelectThenGeneratePolicy:
-    """A reply policy for a chat server: persona sentences + turns in, reply text out."""
+@register_policy("select-then-generate")
+class SelectThenGenerateReplyPolicy(ReplyPolicy):
+    """PAL's inference behind the chat server: pass 1 names the persona sentence to use (the
+    model's own choice), pass 2 answers with it highlighted. Both passes go through the
+    engine (its lock, its token counts); the config must match the one stage 1 trained with."""
 
-    model: Any
-    tokenizer: Any
-    params: GenerationParams = field(default_factory=GenerationParams)
-    config: PALDataConfig = field(default_factory=PALDataConfig)
-    threshold: float = DEFAULT_THRESHOLD
-    name: str = RESPONDER_NAME
+    name = "select-then-generate"
 
-    @classmethod
-    def load(cls, model_name: str, **options: Any) -> SelectThenGeneratePolicy:
-        """Load a checkpoint (a LoRA adapter folder is merged over its base) into a policy."""
-        model, tokenizer = load_causal_lm(model_name)
-        return cls(model, tokenizer, **options)
+    def __init__(
+        self, engine: Any, config: PALDataConfig | None = None, threshold: float = DEFAULT_THRESHOLD
+    ) -> None:
+        super().__init__(engine)
+        self.config = config or PALDataConfig()
+        self.threshold = threshold
 
-    def reply(self, persona: Sequence[str], context: Sequence[Turn | Message]) -> str:
-        """The reply; when no JSON reply can be extracted, the model's raw text as it wrote it."""
-        _, raw, response = select_then_generate_one(
-            self.model,
-            self.tokenizer,
-            persona,
-            context,
-            self.params,
-            config=self.config,
-            threshold=self.threshold,
+    def validate(self, conversation: Any) -> None:
+        if not conversation.persona:
+            raise ReplyError(
+                "select-then-generate needs a persona: send it as the system message, "
+                "one sentence per line",
+                param="messages",
+            )
+        if not conversation.context:
+            raise ReplyError("no dialogue turns to answer", param="messages")
+
+    def reply(self, conversation: Any, params: ReplyParams) -> Reply:
+        self.validate(conversation)
+        began = time.perf_counter()
+        dialogue = Dialogue(id="chat", persona=conversation.persona, context=conversation.context)
+        first = self.engine.generate(
+            select_messages(dialogue, self.config.system),
+            replace(
+                params, temperature=0.0, max_tokens=min(params.max_tokens, SELECT_MAX_NEW_TOKENS)
+            ),
         )
-        return response if response is not None else raw.strip()
+        index, _ = match_persona(first.raw, dialogue.persona, self.threshold)
+        selected = None if index is None else dialogue.persona[index]
+        messages = persona_messages(dialogue, selected, self.config.response_format,
+                                    self.config.word_limit, self.config.system)  # fmt: skip
+        second = self.engine.generate(messages, params)
+        response = read_reply(second.raw, self.config.response_format, GenerationParams())
+        return Reply(
+            content=second.raw if response is None else response,
+            raw=second.raw,
+            extracted=response is not None,
+            prompt_tokens=first.prompt_tokens + second.prompt_tokens,
+            completion_tokens=first.completion_tokens + second.completion_tokens,
+            finish_reason=second.finish_reason,
+            policy=self.name,
+            latency_s=time.perf_counter() - began,
+        )

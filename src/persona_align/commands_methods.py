@@ -27,6 +27,7 @@ from persona_align.generation.base import GenerationParams
 from persona_align.records import Candidate, Dialogue, write_records
 from persona_align.training.pal import (
     StageLedger,
+    decode_params,
     fingerprint,
     label_dialogues,
     load_dialogues,
@@ -40,15 +41,6 @@ ConfigRequired = Annotated[
     Path, typer.Option("--config", "-c", help="YAML config with the method's section.")
 ]
 EVAL_STAGE = "evaluate"
-
-
-def _params(decode: Any) -> GenerationParams:
-    return GenerationParams(
-        max_new_tokens=decode.max_new_tokens,
-        temperature=decode.temperature,
-        top_p=decode.top_p,
-        seed=decode.seed,
-    )
 
 
 def _eval_ledger(out: Path, upstream: str, *parts: Any) -> StageLedger:
@@ -105,7 +97,7 @@ def evaluate_pal(config: PALConfig, console: Console | None = None) -> tuple[dic
             todo = [d for d in dialogues if d.id in labels]
         model, tokenizer = load_causal_lm(str(out / "stage2" / "model"))
         candidates, selections = select_then_generate(
-            todo, model, tokenizer, _params(section.decode), selection=section.selection,
+            todo, model, tokenizer, decode_params(section.decode), selection=section.selection,
             labels=labels, config=config.data, threshold=section.threshold,
             batch_size=section.decode.batch_size, console=console,
         )  # fmt: skip
@@ -178,7 +170,7 @@ def evaluate_sbs(config: SBSSection, console: Console | None = None) -> tuple[di
     def work() -> dict[str, Any]:
         model, tokenizer = load_causal_lm(str(out / "train" / "model"))
         candidates = sbs_generate(
-            dialogues, model, tokenizer, config, _params(section.decode), section.score,
+            dialogues, model, tokenizer, config, decode_params(section.decode), section.score,
             section.decode.batch_size, console=console,
         )  # fmt: skip
         write_records(target, candidates, Candidate)
@@ -264,8 +256,12 @@ def _report(summary: dict[str, Any], rows: list[tuple[str, Any]], as_json: bool)
 def train_pal_command(
     config: ConfigRequired, resume: ResumeFlag = False, as_json: JsonFlag = False
 ) -> None:
-    """PAL: persona-aware mixed-task SFT, then DPO against the stage-1 model's persona-free
-    replies; Select-then-Generate on held-out dialogues when the config has `evaluate:`."""
+    """PAL: persona-aware mixed-task SFT, then DPO against the stage-1 model's own replies.
+
+    Stage 2's rejected replies are the stage-1 model's answers without persona, its reference
+    model the stage-1 model. With `evaluate:` in the config, the trained model answers held-out
+    dialogues with Select-then-Generate. A rerun skips the stages that are done.
+    """
     summary = pal_pipeline(_section(config, "pal"), resume, console)
     rows: list[tuple[str, Any]] = [
         ("persona labels", summary["labels"]),
@@ -288,8 +284,12 @@ def train_pal_command(
 def train_sbs_command(
     config: ConfigRequired, resume: ResumeFlag = False, as_json: JsonFlag = False
 ) -> None:
-    """SBS: augment gold replies one noun at a time, score them, and fine-tune with `Score: s`
-    in the prompt; replies to held-out dialogues at Score: 1.0 when the config has `evaluate:`."""
+    """SBS: score-conditioned SFT on gold replies and their one-noun augmentations.
+
+    Each augmented reply is scored by its similarity to the gold one, and every prompt ends
+    with `Score: s`. With `evaluate:` in the config, the trained model answers held-out
+    dialogues asked for `Score: 1.0`. A rerun skips the stages that are done.
+    """
     summary = sbs_pipeline(_section(config, "sbs"), resume, console)
     augment = summary["augment"]
     rows: list[tuple[str, Any]] = [

@@ -195,7 +195,8 @@ def label_dialogues(
     return label_personas(dialogues, scorer)
 
 
-def _params(decode: Any) -> GenerationParams:
+def decode_params(decode: Any) -> GenerationParams:
+    """Generation parameters from a config's ``DecodeSection``."""
     return GenerationParams(
         max_new_tokens=decode.max_new_tokens,
         temperature=decode.temperature,
@@ -287,7 +288,7 @@ def train_pal(
         )
         with GenerationCache(out / "cache.sqlite") as cache:
             candidates = generate_rejected(
-                usable, responder, _params(config.rejected), data, cache, console
+                usable, responder, decode_params(config.rejected), data, cache, console
             )
         write_records(paths["rejected"], candidates, Candidate)
         valid = sum(c.valid for c in candidates)

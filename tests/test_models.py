@@ -53,8 +53,10 @@ def test_resolve(tmp_path: Path) -> None:
     assert models.resolve(str(tmp_path)).kind == "local"
     assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
     assert models.resolve("embedded").kind == "embedded"
-    with pytest.raises(InputError, match="neither a directory nor a hub id"):
-        models.resolve(str(tmp_path / "nope"))
+    assert models.resolve("Qwen/Qwen2-0.5B-Instruct").kind == "hub"  # dots are fine
+    for bad in (str(tmp_path / "nope"), "a/b/c", "./here", "~/there", "org/../x", "bad name"):
+        with pytest.raises(InputError, match="neither a directory nor a hub id"):
+            models.resolve(bad)
 
 
 def test_missing_embedded_package(monkeypatch: pytest.MonkeyPatch) -> None:

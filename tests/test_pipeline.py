@@ -155,3 +155,17 @@ def test_bad_configs_fail_before_any_work(
     assert result.code == 2, result.err
     assert expected in result.err and len(result.err.strip().splitlines()) == 1
     assert not (isolated / "run" / "generate").exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart", "persodpo", "pal", "sbs"])
+def test_shipped_configs_validate(name: str) -> None:
+    from persona_align.config import load_config
+    from persona_align.pipeline import check_config, preflight
+
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    config = load_config(path)
+    if name in ("quickstart", "persodpo"):
+        check_config(config, path)
+        preflight(config, path)
+    else:
+        assert getattr(config, name) is not None

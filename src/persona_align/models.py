@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -74,6 +75,10 @@ def package_dir(package: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+# ``owner/name`` or ``name`` as the hub spells them (dots allowed: ``Qwen/Qwen2-0.5B-Instruct``)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
 def resolve(name: str) -> ResolvedModel:
     """``embedded`` → installed package; an existing directory → local; anything else → hub id."""
     if name in EMBEDDED:
@@ -93,7 +98,7 @@ def resolve(name: str) -> ResolvedModel:
     path = Path(name).expanduser()
     if path.is_dir():
         return ResolvedModel(name, "local", str(path))
-    if path.suffix or name.startswith((".", "/", "~")) or name.count("/") > 1:
+    if not HUB_ID.fullmatch(name) or ".." in name:
         raise InputError(None, f"model {name!r} is neither a directory nor a hub id")
     return ResolvedModel(name, "hub", name)
 

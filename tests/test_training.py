@@ -258,3 +258,16 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def test_only_the_pairs_the_steps_reach_are_prepared(tmp_path: Path) -> None:
+    from persona_align.training.common import rows_for_steps
+
+    rows = [{"i": i} for i in range(20)]
+    settings = {"data": tmp_path / "p", "output_dir": tmp_path / "o", "batch_size": 2}
+    three_steps = TrainConfig(**settings, max_steps=3, grad_accum=2)
+    used = rows_for_steps(rows, three_steps)
+    assert len(used) == 12 and used == rows_for_steps(rows, three_steps)  # seeded: resumable
+    assert len({r["i"] for r in used}) == 12
+    assert rows_for_steps(rows, TrainConfig(**settings, max_steps=50)) == rows
+    assert rows_for_steps(rows, TrainConfig(**settings)) == rows  # epochs, not steps

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 import warnings
@@ -194,6 +195,24 @@ def check_lengths(
 def _chat_ids(tokenizer: Any, messages: list[dict[str, str]], **kwargs: Any) -> list[int]:
     out = tokenizer.apply_chat_template(messages, tokenize=True, **kwargs)
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def rows_for_steps(rows: list[dict[str, Any]], config: TrainConfig) -> list[dict[str, Any]]:
+    """Only the examples ``max_steps`` will reach (a seeded sample), when that is fewer than
+    all: precomputing reference log-probs for examples no step uses is wasted work."""
+    if config.max_steps <= 0:
+        return rows
+    args = trainer_arguments(config)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    needed = (
+        config.max_steps
+        * args["per_device_train_batch_size"]
+        * args["gradient_accumulation_steps"]
+        * world
+    )
+    if needed >= len(rows):
+        return rows
+    return random.Random(config.seed).sample(rows, needed)
 
 
 def file_dataset(rows: list[dict[str, Any]], output_dir: Path) -> Any:

@@ -33,6 +33,7 @@ from persona_align.training.common import (
     lora_config,
     quiet_training_logs,
     resume_checkpoint,
+    rows_for_steps,
     run_paths,
     trainer_arguments,
     without_printer,
@@ -173,6 +174,7 @@ def train_dpo(
     ]
     if not rows:
         raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
+    used = rows_for_steps(rows, config)
     with quiet_training_logs():
         args = WeightedDPOConfig(
             **trainer_arguments(config),
@@ -184,7 +186,7 @@ def train_dpo(
             WeightedDPOTrainer(
                 model=model,
                 args=args,
-                train_dataset=file_dataset(rows, output_dir),
+                train_dataset=file_dataset(used, output_dir),
                 processing_class=tokenizer,
                 peft_config=lora_config(config),
                 callbacks=callbacks(output_dir, extra_callbacks),
@@ -196,6 +198,7 @@ def train_dpo(
         "weighting": config.weighting,
         "finetune": config.finetune,
         "pairs": len(rows),
+        "pairs_used": len(used),
         "dropped_identical": identical,
         **lengths.as_dict(),
         "resumed_from": Path(checkpoint).name if checkpoint else None,

@@ -26,6 +26,7 @@ from persona_align.training.common import (
     lora_config,
     quiet_training_logs,
     resume_checkpoint,
+    rows_for_steps,
     run_paths,
     trainer_arguments,
     without_printer,
@@ -59,13 +60,14 @@ def train_sft(
     ]
     if not rows:
         raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
+    used = rows_for_steps(rows, config)
     with quiet_training_logs():
         args = SFTConfig(**trainer_arguments(config), completion_only_loss=True)
         trainer = without_printer(
             SFTTrainer(
                 model=model,
                 args=args,
-                train_dataset=file_dataset(rows, output_dir),
+                train_dataset=file_dataset(used, output_dir),
                 processing_class=tokenizer,
                 peft_config=lora_config(config),
                 callbacks=callbacks(output_dir, extra_callbacks),
@@ -80,6 +82,7 @@ def train_sft(
         "method": "sft",
         "finetune": config.finetune,
         "examples": len(rows),
+        "examples_used": len(used),
         "tasks": tasks,
         **lengths.as_dict(),
         "resumed_from": Path(checkpoint).name if checkpoint else None,

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from persona_align.config import STAGES
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_S = 15 * 60
 
@@ -41,7 +43,9 @@ def main() -> None:
         print(f"`persona-align run {args.config.name}` from an empty cache, 2 CPU cores")
         print("| stage | seconds | what |")
         print("|---|---:|---|")
-        for stage, entry in summary["stages"].items():
+        stages = [s for s in STAGES if s in summary["stages"]]
+        for stage in stages:
+            entry = summary["stages"][stage]
             manifest = json.loads((run_dir / stage / "manifest.json").read_text())
             what = {k: v for k, v in entry.items() if k not in ("skipped", "outputs", "statuses")}
             print(f"| {stage} | {manifest['seconds']:.1f} | {json.dumps(what)[:120]} |")

@@ -21,6 +21,8 @@ def tiny_config(model: Path, **changes: object) -> dict:
                 {"kind": "hf", "model": str(model), "name": "tiny"},
                 {"kind": "reference", "name": "gold", "format": "json"},
                 {"kind": "reference", "name": "gold-plain", "format": "text"},
+                {"kind": "import", "name": "small-talk", "path": "sample:responses-small-talk",
+                 "subset": True},
             ],
             "params": {"max_new_tokens": 12},
             "use_cache": False,
@@ -79,6 +81,7 @@ def test_run_end_to_end_then_skip_then_from(cli, isolated: Path, tiny_llama_dir:
     stages = first.summary["stages"]
     assert stages["generate"]["responders"]["gold"] == {"candidates": 4, "valid": 4}
     assert stages["generate"]["responders"]["gold-plain"]["valid"] == 0
+    assert stages["generate"]["responders"]["small-talk"] == {"candidates": 4, "valid": 4}
     assert stages["pairs"]["records"] > 0
     assert stages["train"]["steps"] == 2
     assert set(stages["report"]["systems"]) == {"base", "trained"}

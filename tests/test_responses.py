@@ -78,3 +78,5 @@ def test_jsonl_keyed_by_dialogue_id(tmp_path: Path) -> None:
         InputError, match=r"out.jsonl:line 1: field 'dialogue_id': no dialogue with id 'zz'"
     ):
         import_responses(path, DIALOGUES)
+    # a run over part of the dialogues the file answers
+    assert [c.valid for c in import_responses(path, DIALOGUES, subset=True)] == [False] * 3

@@ -270,6 +270,11 @@ def load_config(path: str | Path) -> PipelineConfig:
         t.output_dir = base / t.output_dir if t.output_dir is not None else None
         if t.model.startswith(("./", "../", "/")) or (base / t.model).is_dir():
             t.model = str(base / t.model)
+    for section in (config.generate, config.evaluate):
+        for responder in getattr(section, "responders", None) or []:
+            extra = responder.model_extra or {}
+            if isinstance(extra.get("path"), str):  # an imported responses file
+                extra["path"] = _relative(base, extra["path"])
     if config.data is not None:
         d = config.data
         d.train = _relative(base, d.train)

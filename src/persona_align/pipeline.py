@@ -102,7 +102,7 @@ def preflight(config: PipelineConfig, where: Path) -> None:
     for stage, section in groups:
         for index, responder in enumerate(getattr(section, "responders", None) or []):
             try:
-                make_responder(responder.kind, **responder.options())
+                make_responder(responder.kind, **responder_options(responder))
             except InputError as err:
                 raise InputError(where, err.message, field=f"{stage}.responders.{index}") from None
     metrics: dict[str, list[str]] = {}
@@ -159,15 +159,26 @@ def git_revision() -> str | None:
 
 
 def data_location(location: str) -> Path:
-    """A path, or ``sample:train`` / ``sample:valid`` for the bundled sample dialogues."""
+    """A path, or ``sample:NAME`` for a bundled sample file: ``sample:train`` and
+    ``sample:valid`` (dialogues), ``sample:responses-small-talk`` (replies to import)."""
     if location.startswith("sample:"):
-        split = location.removeprefix("sample:")
-        path = Path(str(resources.files("persona_align") / "sample_data" / f"{split}.jsonl"))
+        name = location.removeprefix("sample:")
+        folder = resources.files("persona_align") / "sample_data"
+        path = Path(str(folder / f"{name}.jsonl"))
         if not path.exists():
-            raise InputError(None, f"no bundled sample split {split!r}; use sample:train or "
-                             "sample:valid", field="data")  # fmt: skip
+            known = sorted(p.name.removesuffix(".jsonl") for p in Path(str(folder)).glob("*.jsonl"))
+            raise InputError(None, f"no bundled sample {name!r}; known: {', '.join(known)}",
+                             field="data")  # fmt: skip
         return path
     return Path(location)
+
+
+def responder_options(responder: Any) -> dict[str, Any]:
+    """A responder's options with ``sample:`` file names made paths."""
+    options = responder.options()
+    if isinstance(options.get("path"), str):
+        options["path"] = str(data_location(options["path"]))
+    return options
 
 
 @dataclass
@@ -247,8 +258,8 @@ class Pipeline:
         if name == "train" and self.config.pairs is None and self.config.train is not None:
             files["data"] = Path(str(self.config.train.data))
         for responder in self._responders(name):
-            for key in ("file", "path", "model"):
-                value = responder.options().get(key)
+            for key in ("path", "model"):
+                value = responder_options(responder).get(key)
                 if isinstance(value, str) and Path(value).is_file():
                     files[f"{responder.kind}.{key}"] = Path(value)
         missing = [str(p) for p in files.values() if not p.exists()]
@@ -461,7 +472,7 @@ class Pipeline:
         from persona_align.models import cache_dir
 
         params = GenerationParams(**params_config.model_dump())
-        made = [make_responder(r.kind, **r.options()) for r in responders]
+        made = [make_responder(r.kind, **responder_options(r)) for r in responders]
         for responder in made:  # a responder that cannot start fails before any work
             responder.prepare()
         store = (

@@ -70,8 +70,13 @@ def import_responses(
     responder: str | None = None,
     extraction: Extraction = "lenient",
     variant: Variant = "vanilla",
+    subset: bool = False,
 ) -> list[Candidate]:
-    """One Candidate per dialogue, in dialogue order; a dialogue without output is a failure."""
+    """One Candidate per dialogue, in dialogue order; a dialogue without output is a failure.
+
+    JSONL outputs for ids that are not among ``dialogues`` are an error (a typo would silently
+    turn into failures), unless ``subset``: the dialogues are a part of what the file answers.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file does not exist")
@@ -113,6 +118,8 @@ def import_responses(
         if not isinstance(dialogue_id, str) or not dialogue_id:
             raise InputError(path, "missing", where=where, field="dialogue_id")
         if dialogue_id not in by_id:
+            if subset:
+                continue
             raise InputError(
                 path, f"no dialogue with id {dialogue_id!r}", where=where, field="dialogue_id"
             )

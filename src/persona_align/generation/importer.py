@@ -28,7 +28,13 @@ class ImportResponder(Responder):
     kind = "import"
     cacheable = False
 
-    def __init__(self, path: str, name: str | None = None, extraction: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        name: str | None = None,
+        extraction: str | None = None,
+        subset: bool = False,
+    ) -> None:
         super().__init__(name or Path(path).stem)
         if extraction not in (None, "lenient", "strict", "none"):
             raise InputError(
@@ -36,6 +42,7 @@ class ImportResponder(Responder):
             )
         self.path = Path(path)
         self.extraction = extraction
+        self.subset = subset  # the run's dialogues are a part of what the file answers
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "path": str(self.path)}
@@ -47,7 +54,8 @@ class ImportResponder(Responder):
     def generate(
         self, requests: list[Request], params: GenerationParams, on_result: OnResult
     ) -> None:
-        candidates = import_responses(self.path, [r.dialogue for r in requests], self.name, "none")
+        dialogues = [r.dialogue for r in requests]
+        candidates = import_responses(self.path, dialogues, self.name, "none", subset=self.subset)
         for request, candidate in zip(requests, candidates, strict=True):
             on_result(
                 request,

@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
 
 from persona_align.commands_methods import pal_pipeline, sbs_pipeline
 from persona_align.config import (
@@ -52,8 +55,11 @@ from persona_align.records import Candidate, Dialogue, read_records, write_recor
 ROOT = Path(__file__).resolve().parents[1]
 FOCUS = ROOT.parent / "shared" / "data" / "persodpo-focus" / "prompts"
 METRICS = ["c", "bleu-1", "rouge-l", "dist-1", "dist-2"]
+EVAL_ROWS = {"pal Select-then-Generate", "sbs replies", "base replies", "base select pass",
+             "scoring (3 systems)"}  # fmt: skip
 FULL_TRAIN = 1500  # rows of prompts/train.csv
 FULL_EVAL = 200
+console = Console(stderr=True)
 
 
 def parse_args() -> argparse.Namespace:
@@ -107,7 +113,7 @@ def run_pal(args: argparse.Namespace, train: Path, valid: Path) -> dict[str, Any
         stage1=trainer(args), rejected=decode(args), stage2=trainer(args, weighting="one"),
         evaluate=PALEvalSection(dialogues=valid, decode=decode(args)),
     )  # fmt: skip
-    return pal_pipeline(config, resume=True)
+    return pal_pipeline(config, resume=True, console=console)
 
 
 def run_sbs(args: argparse.Namespace, train: Path, valid: Path) -> dict[str, Any]:
@@ -116,7 +122,7 @@ def run_sbs(args: argparse.Namespace, train: Path, valid: Path) -> dict[str, Any
         data=SBSConfig(max_augmentations=args.sbs_max_augmentations),
         train=trainer(args), evaluate=SBSEvalSection(dialogues=valid, decode=decode(args)),
     )  # fmt: skip
-    return sbs_pipeline(config, resume=True)
+    return sbs_pipeline(config, resume=True, console=console)
 
 
 class Timings:
@@ -144,7 +150,11 @@ def run_base(
     began = time.perf_counter()
     with GenerationCache(args.work / "base-cache.sqlite") as cache:
         candidates = run_responder(
-            held_out, responder, GenerationParams(max_new_tokens=args.max_new_tokens), cache
+            held_out,
+            responder,
+            GenerationParams(max_new_tokens=args.max_new_tokens),
+            cache,
+            console=console,
         )
     write_records(target, candidates, Candidate)
     timings.record("base replies", time.perf_counter() - began, cached)
@@ -302,34 +312,30 @@ def estimate(
 ) -> list[tuple[str, float, float]]:
     """(stage, seconds measured, seconds extrapolated to FULL_TRAIN/FULL_EVAL dialogues).
 
-    Per-dialogue stages scale linearly; trainer stages by their step time (the log's
-    train_runtime over its steps) times the full run's steps, plus DPO's reference pass per
-    pair (the rest of the stage's time, model loading included, so an overestimate).
+    Per-dialogue stages scale linearly. A trainer stage costs its step time (the log's
+    train_runtime over its steps) times the full run's steps, plus the rest of its measured
+    time (model loading; for DPO also the reference pass) scaled by the examples, which
+    overestimates the fixed part a little. Examples, pairs and augmentations per dialogue are
+    the quick run's.
     """
-    n, full_n = args.train_n, FULL_TRAIN
-    ratio_train, ratio_eval = full_n / n, FULL_EVAL / args.eval_n
+    ratio_train, ratio_eval = FULL_TRAIN / args.train_n, FULL_EVAL / args.eval_n
     batch = args.batch_size
 
-    def steps_time(stage: dict[str, Any], folder: Path, items_full: float) -> tuple[float, float]:
+    def trained(stage: dict[str, Any], folder: Path, items: int) -> float:
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
         runtime = next((e["train_runtime"] for e in reversed(log) if "train_runtime" in e), 0.0)
         per_step = runtime / max(stage["steps"], 1)
-        full_steps = math.ceil(items_full * args.epochs / batch)
-        return per_step * full_steps, stage["seconds"] - runtime
+        full_steps = math.ceil(items * ratio_train * args.epochs / batch)
+        return per_step * full_steps + (stage["seconds"] - runtime) * ratio_train
 
-    rows = []
-    sft_full = pal["sft"]["total"] * ratio_train
-    t1, _ = steps_time(pal["stage1"], args.work / "pal" / "stage1", sft_full)
-    pairs_full = pal["pairs"]["pairs"] * ratio_train
-    t2, ref = steps_time(pal["stage2"], args.work / "pal" / "stage2", pairs_full)
-    t2 += ref / max(pal["pairs"]["pairs"], 1) * pairs_full
-    sbs_full = sbs["augment"]["examples"] * ratio_train
-    t3, _ = steps_time(sbs["train"], args.work / "sbs" / "train", sbs_full)
+    t1 = trained(pal["stage1"], args.work / "pal" / "stage1", pal["sft"]["total"])
+    t2 = trained(pal["stage2"], args.work / "pal" / "stage2", pal["pairs"]["pairs"])
+    t3 = trained(sbs["train"], args.work / "sbs" / "train", sbs["augment"]["examples"])
 
     def linear(name: str, stage: dict[str, Any], ratio: float) -> tuple[str, float, float]:
         return name, stage["seconds"], stage["seconds"] * ratio
 
-    rows += [
+    rows = [
         linear("pal labels (NLI)", pal["labels"], ratio_train),
         ("pal stage 1 (SFT)", pal["stage1"]["seconds"], t1),
         linear("pal stage-1 replies", pal["rejected"], ratio_train),
@@ -344,6 +350,7 @@ def estimate(
 
 
 def main() -> None:
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parse_args()
     train, valid, held_out = prepare_data(args)
     print(f"{args.train_n} training / {args.eval_n} held-out FoCus dialogues → {args.work}")
@@ -380,11 +387,16 @@ def main() -> None:
         f"\nTimings (seconds measured here; extrapolated to {FULL_TRAIN} training / {FULL_EVAL} "
         f"held-out dialogues, {args.epochs:g} epoch(s), batch {args.batch_size}):"
     )
-    total = 0.0
     for name, measured, full in rows:
-        total += full
         print(f"  {name:28s} {measured:9.1f} s   → {full / 3600:7.2f} h")
+    total = sum(full for _, _, full in rows)
+    held_out = sum(full for name, _, full in rows if name in EVAL_ROWS)
     print(f"  {'total':28s} {'':9s}     → {total / 3600:7.2f} h")
+    per_100 = (total - held_out) / FULL_TRAIN * 100 / 3600
+    print(
+        f"  training cost is linear in --train-n: {per_100:.2f} h per 100 training dialogues, "
+        f"plus {held_out / 3600:.2f} h for the {FULL_EVAL} held-out dialogues"
+    )
     print(f"results: {args.work / 'results.json'}")
 
 

@@ -315,3 +315,17 @@ def test_shipped_configs_point_at_the_sample_data() -> None:
         assert section.evaluate.dialogues.resolve() == (SAMPLE / "valid.jsonl").resolve()
         assert section.output_dir.resolve().parent == (CONFIGS.parent / "runs").resolve()
     assert pal.stage2.weighting == "one" and pal.data.response_format == "json"
+
+
+def test_run_takes_a_method_config(cli, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    config = write_config(tmp_path, {"sbs": sbs_section(tiny_llama_dir)})
+    first = cli("run", config, "--json")
+    assert first.code == 0, first.err
+    assert first.summary["methods"]["sbs"]["ran"] == ["augment", "train", "evaluate"]
+    again = cli("run", config, "--json")
+    assert again.code == 0 and again.summary["methods"]["sbs"]["ran"] == []
+    assert cli("run", config, "--from", "train").code == 2
+    mixed = write_config(tmp_path, {"sbs": sbs_section(tiny_llama_dir), "name": "x",
+                                    "data": {"train": "sample:train"}})  # fmt: skip
+    result = cli("run", mixed)
+    assert result.code == 2 and "not both" in result.err

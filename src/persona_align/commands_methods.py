@@ -225,8 +225,8 @@ def _table(title: str, rows: list[tuple[str, Any]]) -> Table:
     table.add_column(style="bold")
     table.add_column()
     for key, value in rows:
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items()) or "-"
+        if isinstance(value, dict):  # counts; the stage's seconds are in the JSON summary
+            value = ", ".join(f"{k}: {v}" for k, v in value.items() if k != "seconds") or "-"
         table.add_row(key, str(value))
     return table
 

@@ -221,15 +221,18 @@ def file_dataset(rows: list[dict[str, Any]], output_dir: Path) -> Any:
     An in-memory dataset caches derived files (TRL's precomputed reference log-probs) in a
     per-process temp folder; under several processes the ranks must share them.
     """
+    from accelerate import PartialState
     from datasets import load_dataset
 
     data = output_dir / "data" / "train.jsonl"
     text = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
-    if not data.exists() or data.read_text(encoding="utf-8") != text:
-        with atomic_open(data) as handle:
-            handle.write(text)
     cache = output_dir / "data" / "cache"
-    return load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
+    # the main process writes and caches first; the other ranks then read what it built
+    with PartialState().main_process_first():
+        if not data.exists() or data.read_text(encoding="utf-8") != text:
+            with atomic_open(data) as handle:
+                handle.write(text)
+        return load_dataset("json", data_files=str(data), split="train", cache_dir=str(cache))
 
 
 class JsonlLogCallback(TrainerCallback):

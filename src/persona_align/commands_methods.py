@@ -125,7 +125,7 @@ def sbs_generate(
     console: Console | None = None,
 ) -> list[Candidate]:
     """SBS inference: the SBS prompt asking for ``Score: score``, one Candidate per dialogue."""
-    from persona_align.inference.select_generate import generate_texts
+    from persona_align.generation.hf import generate_texts
     from persona_align.preference.pal import read_reply
     from persona_align.preference.sbs import sbs_messages
     from persona_align.prompting import messages_hash

@@ -5,9 +5,8 @@ server errors, hangs, garbage bodies, dropped connections) are drawn per attempt
 (seed, prompt, attempt number), so a run is reproducible whatever order concurrent requests
 arrive in, and a retried request draws again.
 
-The server is asyncio streams on one background thread rather than ``ThreadingHTTPServer``:
-benchmarks run it in the client's process, and a thread per connection fights the client's
-event loop for the GIL (measured: ~10% fewer requests per second with the threaded server).
+The server runs on one background event loop (``persona_align.httpd``): benchmarks run it in
+the client's process, where a thread per connection would fight the client's loop for the GIL.
 """
 
 from __future__ import annotations
@@ -20,8 +19,9 @@ import threading
 import time
 from collections import Counter
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
+
+from persona_align.httpd import BackgroundServer, parse_head
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "drop")
 MODEL_ID = "fake-model"
@@ -60,7 +60,7 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
     return _Reply(status, body, headers)
 
 
-class FakeOpenAIServer:
+class FakeOpenAIServer(BackgroundServer):
     """Serves ``/v1/models`` and ``/v1/chat/completions`` on a free loopback port until closed.
 
     ``faults`` maps kinds in FAULT_KINDS to the fraction of attempts that get them: ``429``
@@ -70,6 +70,8 @@ class FakeOpenAIServer:
     limits faults to the first attempts of each prompt (1: only the first attempt can fail).
     With ``expected_key`` set, requests without ``Authorization: Bearer <key>`` get 401.
     """
+
+    thread_name = "fake-openai"
 
     def __init__(
         self,
@@ -95,21 +97,11 @@ class FakeOpenAIServer:
         self.slow_s = slow_s
         self.retry_after = retry_after
         self.faulty_attempts = faulty_attempts
+        super().__init__()
         self._lock = threading.Lock()  # the counters are written on the loop, read anywhere
         self._calls = 0
         self._calls_by_prompt: Counter[str] = Counter()
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
-        self._closing = asyncio.Event()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="fake-openai")
-        self._thread.start()
-        start = asyncio.start_server(self._serve_connection, "127.0.0.1", 0, backlog=256)
-        try:
-            self._server = asyncio.run_coroutine_threadsafe(start, self._loop).result()
-        except BaseException:
-            self._stop_loop()
-            raise
-        self._port: int = self._server.sockets[0].getsockname()[1]
+        self._port = self._start("127.0.0.1", 0)
 
     @property
     def base_url(self) -> str:
@@ -139,72 +131,23 @@ class FakeOpenAIServer:
             u -= fraction
         return None
 
-    def close(self) -> None:
-        """Stop listening, cut sleeping and idle connections short, and end the thread."""
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> FakeOpenAIServer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    # --- on the server's loop --------------------------------------------------------------
-
-    async def _shutdown(self) -> None:
-        """Close without cancelling handlers: 3.11's start_server logs cancelled ones as errors."""
-        self._server.close()
-        self._closing.set()  # wakes handlers sleeping on latency or a "slow" fault
-        for writer in self._connections.values():
-            writer.close()  # idle keep-alive reads see end of file
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Answer requests on one keep-alive connection until either side closes it."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections[task] = writer
-        try:
-            while not self._closing.is_set():
+        with contextlib.suppress(asyncio.LimitOverrunError, ValueError):  # not parseable: hang up
+            while not self.closing:
                 head = await reader.readuntil(b"\r\n\r\n")
-                method, path, headers = _parse_head(head)
+                method, path, _version, headers = parse_head(head)
                 length = int(headers.get("content-length", "0") or 0)
                 body = await reader.readexactly(length) if length else b""
                 reply = await self._answer(method, path, headers, body)
-                if reply is None or self._closing.is_set():
+                if reply is None or self.closing:
                     return
                 writer.write(reply.encode())
                 await writer.drain()
                 if headers.get("connection", "").lower() == "close":
                     return
-        except (
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-            ConnectionError,
-            ValueError,
-        ):
-            return  # the client hung up, or sent something we cannot parse
-        finally:
-            del self._connections[task]
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
 
     async def _answer(
         self, method: str, path: str, headers: dict[str, str], body: bytes
@@ -237,13 +180,6 @@ class FakeOpenAIServer:
             return _Reply(200, b'{"id": "chatcmpl-broken", "choices": [')
         return _Reply(200, _completion(text, attempt, payload.get("model", MODEL_ID)))
 
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, unless close() comes first."""
-        if seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(seconds):
-                    await self._closing.wait()
-
     def _unauthorized(self, headers: dict[str, str]) -> _Reply | None:
         expected = self.expected_key
         if expected is None or headers.get("authorization") == f"Bearer {expected}":
@@ -261,18 +197,6 @@ class FakeOpenAIServer:
             attempt = self._calls_by_prompt[key]
             self._calls_by_prompt[key] += 1
             return attempt
-
-
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
-    """Method, path and lower-cased headers of a request head; ValueError when it is not one."""
-    request_line, *lines = head.decode("latin-1").split("\r\n")
-    method, path, _version = request_line.split(" ")
-    headers = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    return method, path, headers
 
 
 def _completion(text: str, attempt: int, model: Any) -> dict[str, Any]:

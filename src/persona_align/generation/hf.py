@@ -8,6 +8,7 @@ start at the same position.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from persona_align.generation.base import (
 )
 from persona_align.models import DTYPES, load_causal_lm, model_dir, model_version, resolve
 from persona_align.prompting import render_chat
+from persona_align.records import Message
 
 
 @register_responder("hf")
@@ -63,36 +65,58 @@ class HFResponder(Responder):
         if self._model is None:
             model_dir(self.model_name)
             self._model, self._tokenizer = load_causal_lm(self.model_name, self.dtype)
-            self._tokenizer.padding_side = "left"
-            if self._tokenizer.pad_token is None:
-                self._tokenizer.pad_token = self._tokenizer.eos_token
 
     def generate(
         self, requests: list[Request], params: GenerationParams, on_result: OnResult
     ) -> None:
-        import torch
-
         self.prepare()
-        tokenizer, model = self._tokenizer, self._model
-        texts = [render_chat(tokenizer, r.messages) for r in requests]
-        lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
-        order = sorted(range(len(requests)), key=lambda i: lengths[i])
-        sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-            if params.temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        eos = model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-        torch.manual_seed(params.seed)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        prompts = [r.messages for r in requests]
+        for index, result in iter_generate(
+            self._model, self._tokenizer, prompts, params, self.batch_size
+        ):
+            on_result(requests[index], result)
+
+
+def iter_generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[Message]],
+    params: GenerationParams,
+    batch_size: int = 8,
+) -> Iterator[tuple[int, Result]]:
+    """``(prompt index, raw completion)`` as each batch finishes: length-sorted, left-padded
+    batches through the model's chat template, cut at the first end-of-turn token.
+
+    A tokenizer without a pad token gets its EOS token as one.
+    """
+    import torch
+
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_chat(tokenizer, p) for p in prompts]
+    if not texts:
+        return
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    order = sorted(range(len(texts)), key=lengths.__getitem__)
+    sampling: dict[str, Any] = (
+        {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        if params.temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    torch.manual_seed(params.seed)
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every row's new tokens start at the same position
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
             enc = tokenizer(
                 [texts[i] for i in batch],
                 return_tensors="pt",
                 padding=True,
                 add_special_tokens=False,
-            )
+            ).to(model.device)
             began = time.perf_counter()
             with torch.inference_mode():
                 out = model.generate(
@@ -105,14 +129,32 @@ class HFResponder(Responder):
             new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
             for row, index in enumerate(batch):
                 tokens = new_tokens[row]
-                completion = next(
-                    (k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens)
-                )
-                on_result(
-                    requests[index],
+                end = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
+                yield (
+                    index,
                     Result(
-                        raw=tokenizer.decode(tokens[:completion], skip_special_tokens=True),
+                        raw=tokenizer.decode(tokens[:end], skip_special_tokens=True),
                         latency_s=per_item,
-                        usage={"prompt_tokens": lengths[index], "completion_tokens": completion},
+                        usage={"prompt_tokens": lengths[index], "completion_tokens": end},
                     ),
                 )
+    finally:
+        tokenizer.padding_side = padding_side
+
+
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[Message]],
+    params: GenerationParams,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Result]:
+    """Raw completions of chat prompts, in order, over a model already in memory (a server,
+    a method's own generation, a benchmark loop); ``on_batch`` hears of each finished reply."""
+    results: list[Result | None] = [None] * len(prompts)
+    for index, result in iter_generate(model, tokenizer, prompts, params, batch_size):
+        results[index] = result
+        if on_batch is not None:
+            on_batch(1)
+    return [r for r in results if r is not None]

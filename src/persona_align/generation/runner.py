@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -17,30 +17,47 @@ from rich.progress import (
 from persona_align.generation.base import GenerationParams, Request, Responder, Result
 from persona_align.generation.cache import GenerationCache, cache_key
 from persona_align.prompting import extract_response, messages_hash, persobench_messages
-from persona_align.records import Candidate, Dialogue
+from persona_align.records import Candidate, Dialogue, Message
+
+PromptBuilder = Callable[[Dialogue], list[Message]]
+Reader = Callable[[str], str | None]  # raw output -> extracted reply, None when invalid
 
 
 def build_requests(
-    dialogues: Sequence[Dialogue], responder: Responder, params: GenerationParams
+    dialogues: Sequence[Dialogue],
+    responder: Responder,
+    params: GenerationParams,
+    prompt: PromptBuilder | None = None,
 ) -> list[Request]:
-    """The PersoBench messages of every dialogue, with the cache key of this responder + params."""
+    """The messages of every dialogue (PersoBench's prompt unless ``prompt`` builds others),
+    with the cache key of this responder + params + prompt."""
     settings = responder.settings()
     # extraction changes what we read from the output, not the output: not part of the key
     key_params = {k: v for k, v in params.as_dict().items() if k != "extraction"}
     requests = []
     for dialogue in dialogues:
-        messages = persobench_messages(dialogue, params.variant, params.word_limit, params.system)
+        messages = (
+            prompt(dialogue)
+            if prompt is not None
+            else persobench_messages(dialogue, params.variant, params.word_limit, params.system)
+        )
         phash = messages_hash(messages)
         requests.append(Request(dialogue, messages, phash, cache_key(settings, key_params, phash)))
     return requests
 
 
 def _to_candidate(
-    request: Request, result: Result, responder: Responder, params: GenerationParams
+    request: Request,
+    result: Result,
+    responder: Responder,
+    params: GenerationParams,
+    read: Reader | None,
 ) -> Candidate:
     mode = getattr(responder, "extraction", None) or params.extraction
     if result.error is not None:
         response = None
+    elif read is not None:
+        response = read(result.raw)
     elif mode == "none":  # imported files that already hold extracted replies
         response = result.raw.strip() or None
     else:
@@ -64,9 +81,17 @@ def run_responder(
     cache: GenerationCache | None = None,
     refresh: bool = False,
     console: Console | None = None,
+    *,
+    prompt: PromptBuilder | None = None,
+    read: Reader | None = None,
+    label: str | None = None,
 ) -> list[Candidate]:
-    """One Candidate per dialogue, in dialogue order; only what the cache lacks is generated."""
-    requests = build_requests(dialogues, responder, params)
+    """One Candidate per dialogue, in dialogue order; only what the cache lacks is generated.
+
+    ``prompt`` and ``read`` replace the PersoBench prompt and reply extraction for methods
+    that ask their own questions (PAL's no-persona replies); ``label`` names the progress bar.
+    """
+    requests = build_requests(dialogues, responder, params, prompt)
     cacheable = cache is not None and getattr(responder, "cacheable", True)
     results: dict[str, Result] = {}
     if cacheable and not refresh:
@@ -90,7 +115,7 @@ def run_responder(
             transient=False,
             disable=console is None,
         ) as progress:
-            task = progress.add_task(responder.name, total=len(todo), rate="", failures=0)
+            task = progress.add_task(label or responder.name, total=len(todo), rate="", failures=0)
 
             def on_result(request: Request, result: Result) -> None:
                 nonlocal failures
@@ -108,4 +133,4 @@ def run_responder(
     missing = [r.dialogue.id for r in requests if r.key not in results]
     if missing:
         raise RuntimeError(f"responder {responder.name!r} returned no result for {missing[:3]}")
-    return [_to_candidate(r, results[r.key], responder, params) for r in requests]
+    return [_to_candidate(r, results[r.key], responder, params, read) for r in requests]

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from persona_align.errors import InputError
 from persona_align.generation.base import GenerationParams, Result
+from persona_align.generation.hf import generate_texts
 from persona_align.inference.engine import (
     Reply,
     ReplyError,
@@ -39,7 +40,7 @@ from persona_align.preference.pal import (
     read_reply,
     select_messages,
 )
-from persona_align.prompting import messages_hash, render_chat
+from persona_align.prompting import messages_hash
 from persona_align.records import Candidate, Dialogue, Message, NonEmptyStr, Turn
 
 SelectionMode = Literal["predicted", "gold"]
@@ -112,76 +113,6 @@ def match_persona(
     if best is not None and scores[best] >= threshold and scores[best] > 0:
         return best, "overlap"
     return None, "unmatched"
-
-
-# --- batched generation with a loaded model ------------------------------------------------
-
-
-def generate_texts(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[Sequence[Message]],
-    params: GenerationParams,
-    batch_size: int = 8,
-    on_batch: Callable[[int], None] | None = None,
-) -> list[Result]:
-    """Raw completions of chat prompts, in order: length-sorted left-padded batches, as the
-    ``hf`` responder does, but over a model already in memory (a server, a benchmark loop).
-
-    A tokenizer without a pad token gets its EOS token as one.
-    """
-    import torch
-
-    if not prompts:
-        return []
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    texts = [render_chat(tokenizer, p) for p in prompts]
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
-    order = sorted(range(len(texts)), key=lengths.__getitem__)
-    sampling: dict[str, Any] = (
-        {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-        if params.temperature > 0
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    )
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    results: list[Result | None] = [None] * len(texts)
-    torch.manual_seed(params.seed)
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            enc = tokenizer(
-                [texts[i] for i in batch],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
-            began = time.perf_counter()
-            with torch.inference_mode():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=params.max_new_tokens,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **sampling,
-                )
-            per_item = (time.perf_counter() - began) / len(batch)
-            new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
-            for row, index in enumerate(batch):
-                tokens = new_tokens[row]
-                end = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-                results[index] = Result(
-                    raw=tokenizer.decode(tokens[:end], skip_special_tokens=True),
-                    latency_s=per_item,
-                    usage={"prompt_tokens": lengths[index], "completion_tokens": end},
-                )
-            if on_batch is not None:
-                on_batch(len(batch))
-    finally:
-        tokenizer.padding_side = padding_side
-    return [r for r in results if r is not None]
 
 
 # --- Select then Generate ------------------------------------------------------------------

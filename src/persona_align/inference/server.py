@@ -1,7 +1,7 @@
 """An OpenAI-compatible chat server over one model: ``/v1/models`` and ``/v1/chat/completions``.
 
-Standard library only: asyncio streams on one background thread, as in
-``generation/fake_server.py``, take the HTTP; the model is not thread-safe, so every reply is
+Standard library only: asyncio streams on one background thread (``persona_align.httpd``)
+take the HTTP; the model is not thread-safe, so every reply is
 generated on one worker thread, with a bounded queue in front of it (503 when full, which the
 ``openai`` responder retries). Every client mistake gets a 4xx JSON body in OpenAI's error
 shape and leaves the server up: malformed JSON, missing or bad fields → 400, oversize body
@@ -11,22 +11,20 @@ shape and leaves the server up: malformed JSON, missing or bad fields → 400, o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import threading
 import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Literal
 from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from persona_align.httpd import BackgroundServer, parse_head
 from persona_align.inference.engine import (
     DEFAULT_MAX_TOKENS,
     Conversation,
@@ -172,23 +170,7 @@ def _validation_error(err: ValidationError) -> ApiError:
     return ApiError(400, message, param=param)
 
 
-def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]]:
-    """Method, target, version and lower-cased headers; ValueError when it is not HTTP/1.x."""
-    request_line, *lines = head.decode("latin-1").split("\r\n")
-    method, target, version = request_line.split(" ")
-    if not version.startswith("HTTP/1.") or not target.startswith("/"):
-        raise ValueError(request_line)
-    headers = {}
-    for line in lines:
-        if line:
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise ValueError(line)
-            headers[name.strip().lower()] = value.strip()
-    return method, target, version, headers
-
-
-class ChatServer:
+class ChatServer(BackgroundServer):
     """Serves one ``ReplyPolicy`` as ``model_id`` on ``host:port`` (port 0: a free one).
 
     ``start()`` returns at once with the server listening on a background thread; ``close()``
@@ -211,31 +193,15 @@ class ChatServer:
         self.created = int(time.time())
         self._statuses: Counter[int] = Counter()
         self._pending = 0  # requests generating or waiting; touched on the loop thread only
-        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="persona-generate")
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._server: asyncio.Server | None = None
-        self._closing: asyncio.Event | None = None
+        super().__init__()
 
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> ChatServer:
         """Bind and listen; OSError (port in use, ...) is raised here."""
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="persona-serve")
-        self._thread.start()
-        try:
-            self._server = asyncio.run_coroutine_threadsafe(self._listen(), self._loop).result()
-        except BaseException:
-            self._stop_loop()
-            raise
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = self._start(self.host, self.port)
         return self
-
-    async def _listen(self) -> asyncio.Server:
-        self._closing = asyncio.Event()
-        return await asyncio.start_server(self._serve_connection, self.host, self.port)
 
     @property
     def base_url(self) -> str:
@@ -253,39 +219,14 @@ class ChatServer:
         return {"requests": sum(statuses.values()), "by_status": statuses}
 
     def close(self) -> None:
-        loop = self._loop
-        if loop is None or loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result()
-        self._stop_loop()
+        super().close()
         self._worker.shutdown(wait=True)
-
-    def _stop_loop(self) -> None:
-        assert self._loop is not None and self._thread is not None
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
     def __enter__(self) -> ChatServer:
         return self.start() if self._loop is None else self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def _shutdown(self) -> None:
-        assert self._server is not None and self._closing is not None
-        self._server.close()
+    def _on_shutdown(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)  # the running reply finishes
-        self._closing.set()
-        for writer in self._connections.values():
-            writer.close()  # idle keep-alive reads see end of file
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
 
     # --- HTTP ------------------------------------------------------------------------------
 
@@ -293,31 +234,18 @@ class ChatServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         """Answer requests on one keep-alive connection until either side closes it."""
-        task = asyncio.current_task()
-        assert task is not None and self._closing is not None
-        self._connections[task] = writer
-        try:
-            keep_alive = True
-            while keep_alive and not self._closing.is_set():
-                try:
-                    async with asyncio.timeout(self.limits.read_timeout_s):
-                        head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.LimitOverrunError:
-                    await self._send(writer, _of_error(ApiError(431, "request head too large")))
-                    return
-                began = time.perf_counter()
-                method, path, response, keep_alive = await self._handle(head, reader, writer)
-                await self._send(writer, response, keep_alive)
-                log.info(
-                    "%s %s %d %.2fs", method, path, response.status, time.perf_counter() - began
-                )
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
-            return  # the client hung up or went quiet
-        finally:
-            del self._connections[task]
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        keep_alive = True
+        while keep_alive and not self.closing:
+            try:
+                async with asyncio.timeout(self.limits.read_timeout_s):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.LimitOverrunError:
+                await self._send(writer, _of_error(ApiError(431, "request head too large")))
+                return
+            began = time.perf_counter()
+            method, path, response, keep_alive = await self._handle(head, reader, writer)
+            await self._send(writer, response, keep_alive)
+            log.info("%s %s %d %.2fs", method, path, response.status, time.perf_counter() - began)
 
     async def _send(
         self, writer: asyncio.StreamWriter, response: _Response, keep_alive: bool = False
@@ -331,7 +259,7 @@ class ChatServer:
     ) -> tuple[str, str, _Response, bool]:
         """(method, path, response, keep the connection open?) for one request."""
         try:
-            method, target, version, headers = _parse_head(head)
+            method, target, version, headers = parse_head(head)
         except ValueError:
             return "-", "-", _of_error(ApiError(400, "malformed HTTP request")), False
         path = target.split("?", 1)[0]

@@ -34,13 +34,13 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, field_validator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from persona_align.data.nli import LABELS
 from persona_align.errors import InputError
-from persona_align.generation.base import GenerationParams, Request, Responder, Result
-from persona_align.generation.cache import GenerationCache, cache_key
-from persona_align.prompting import DEFAULT_WORD_LIMIT, extract_response, messages_hash
+from persona_align.generation.base import GenerationParams, Responder
+from persona_align.generation.cache import GenerationCache
+from persona_align.generation.runner import run_responder
+from persona_align.prompting import DEFAULT_WORD_LIMIT, extract_response
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -398,25 +398,6 @@ def build_pal_sft(
 # --- stage 2: rejected replies and DPO pairs -----------------------------------------------
 
 
-def plain_requests(
-    dialogues: Sequence[Dialogue],
-    responder: Responder,
-    params: GenerationParams,
-    config: PALDataConfig,
-) -> list[Request]:
-    """No-persona requests with their cache keys (responder settings + prompt + params)."""
-    settings = responder.settings()
-    key_params = {k: v for k, v in params.as_dict().items() if k != "extraction"}
-    requests = []
-    for dialogue in dialogues:
-        messages = plain_messages(
-            dialogue, config.response_format, config.word_limit, config.system
-        )
-        phash = messages_hash(messages)
-        requests.append(Request(dialogue, messages, phash, cache_key(settings, key_params, phash)))
-    return requests
-
-
 def generate_rejected(
     dialogues: Sequence[Dialogue],
     responder: Responder,
@@ -434,49 +415,18 @@ def generate_rejected(
     """
     params = params or GenerationParams()
     config = config or PALDataConfig()
-    requests = plain_requests(dialogues, responder, params, config)
-    results: dict[str, Result] = cache.get_many(r.key for r in requests) if cache else {}
-    todo = list({r.key: r for r in requests if r.key not in results}.values())
-    if todo:
-        responder.prepare()
-        with Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=console,
-            disable=console is None,
-        ) as progress:
-            bar = progress.add_task(f"{responder.name} (no persona)", total=len(todo))
-
-            def on_result(request: Request, result: Result) -> None:
-                results[request.key] = result
-                if cache is not None:
-                    cache.put(request.key, responder.name, request.dialogue.id, result)
-                progress.advance(bar)
-
-            responder.generate(todo, params, on_result)
-    candidates = []
-    for request in requests:
-        result = results.get(request.key)
-        if result is None:
-            raise RuntimeError(
-                f"responder {responder.name!r} gave no reply for {request.dialogue.id!r}"
-            )
-        response = None if result.error else read_reply(result.raw, config.response_format, params)
-        candidates.append(
-            Candidate(
-                dialogue_id=request.dialogue.id,
-                responder=responder.name,
-                raw=result.raw,
-                response=response,
-                valid=response is not None,
-                latency_s=result.latency_s,
-                prompt_hash=request.prompt_hash,
-                error=result.error,
-            )
-        )
-    return candidates
+    return run_responder(
+        dialogues,
+        responder,
+        params,
+        cache,
+        console=console,
+        prompt=lambda d: plain_messages(
+            d, config.response_format, config.word_limit, config.system
+        ),
+        read=lambda raw: read_reply(raw, config.response_format, params),
+        label=f"{responder.name} (no persona)",
+    )
 
 
 def _same_text(a: str, b: str) -> bool:

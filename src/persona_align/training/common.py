@@ -15,7 +15,7 @@ import random
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -366,3 +366,65 @@ def finish(
     with atomic_open(output_dir / "summary.json") as handle:
         json.dump(summary, handle, indent=2, sort_keys=True)
     return summary
+
+
+@dataclass
+class TrainingSet:
+    """Rows for a TRL trainer, with what the length check needs: one key, prompt and set of
+    completions per row (a key names the row in reports)."""
+
+    keys: list[str]
+    prompts: list[list[Message]]
+    completions: list[tuple[list[Message], ...]]
+    rows: list[dict[str, Any]]
+
+
+def train_rows(
+    config: TrainConfig,
+    resume: bool,
+    load: Callable[[Path], TrainingSet],
+    trainer_class: type,
+    config_class: type,
+    method_args: dict[str, Any],
+    describe: Callable[[list[str], int], dict[str, Any]],
+    extra_callbacks: Sequence[TrainerCallback] = (),
+) -> dict[str, Any]:
+    """The sequence every trainer runs: read the examples (``load(path) -> TrainingSet``),
+    drop prompts that do not fit, keep what ``max_steps`` reaches, train (resuming if asked),
+    then save and summarise (``describe(kept_keys, used_count) -> dict`` adds the method's
+    own summary fields)."""
+    began = time.perf_counter()
+    data, output_dir = run_paths(config)
+    checkpoint = resume_checkpoint(output_dir, resume)
+    examples = load(data)
+    model, tokenizer = load_for_training(config.model)
+    lengths = check_lengths(
+        tokenizer, examples.keys, examples.prompts, examples.completions, config.max_length
+    )
+    too_long = set(lengths.dropped)
+    kept = [(key, row) for key, row in zip(examples.keys, examples.rows, strict=True)
+            if key not in too_long]  # fmt: skip
+    rows = [row for _, row in kept]
+    if not rows:
+        raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
+    used = rows_for_steps(rows, config)
+    with quiet_training_logs():
+        trainer = without_printer(
+            trainer_class(
+                model=model,
+                args=config_class(**trainer_arguments(config), **method_args),
+                train_dataset=file_dataset(used, output_dir),
+                processing_class=tokenizer,
+                peft_config=lora_config(config),
+                callbacks=callbacks(output_dir, extra_callbacks),
+            )
+        )
+        trainer.train(resume_from_checkpoint=checkpoint)
+    summary = {
+        "method": config.method,
+        "finetune": config.finetune,
+        **describe([key for key, _ in kept], len(used)),
+        **lengths.as_dict(),
+        "resumed_from": Path(checkpoint).name if checkpoint else None,
+    }
+    return finish(trainer, tokenizer, config, summary, began)

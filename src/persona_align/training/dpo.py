@@ -11,7 +11,6 @@ saves no compute there). Relies on ``DPOTrainer._compute_loss``, hence the exact
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,7 @@ from trl import DPOConfig, DPOTrainer
 from persona_align.config import TrainConfig
 from persona_align.errors import InputError
 from persona_align.records import PreferencePair, read_records
-from persona_align.training.common import (
-    callbacks,
-    check_lengths,
-    file_dataset,
-    finish,
-    load_for_training,
-    lora_config,
-    quiet_training_logs,
-    resume_checkpoint,
-    rows_for_steps,
-    run_paths,
-    trainer_arguments,
-    without_printer,
-)
+from persona_align.training.common import TrainingSet, train_rows
 
 WEIGHT_KEY = "pair_weight"
 
@@ -147,60 +133,42 @@ def train_dpo(
     config: TrainConfig, resume: bool = False, extra_callbacks: Sequence[TrainerCallback] = ()
 ) -> dict[str, Any]:
     """Score-weighted (or vanilla) DPO with LoRA by default; returns the run summary."""
-    began = time.perf_counter()
-    data, output_dir = run_paths(config)
-    checkpoint = resume_checkpoint(output_dir, resume)
-    pairs, identical = load_pairs(data)
-    weights = pair_weights(pairs, config.weighting, data)
-    model, tokenizer = load_for_training(config.model)
-    lengths = check_lengths(
-        tokenizer,
-        [p.dialogue_id for p in pairs],
-        [p.prompt for p in pairs],
-        [(p.chosen, p.rejected) for p in pairs],
-        config.max_length,
-    )
-    dropped = set(lengths.dropped)
-    rows = [
-        {
-            "dialogue_id": p.dialogue_id,
-            "prompt": [m.model_dump() for m in p.prompt],
-            "chosen": [m.model_dump() for m in p.chosen],
-            "rejected": [m.model_dump() for m in p.rejected],
-            "weight": w,
+    identical = 0
+
+    def load(data: Path) -> TrainingSet:
+        nonlocal identical
+        pairs, identical = load_pairs(data)
+        weights = pair_weights(pairs, config.weighting, data)
+        return TrainingSet(
+            keys=[p.dialogue_id for p in pairs],
+            prompts=[p.prompt for p in pairs],
+            completions=[(p.chosen, p.rejected) for p in pairs],
+            rows=[
+                {
+                    "dialogue_id": p.dialogue_id,
+                    "prompt": [m.model_dump() for m in p.prompt],
+                    "chosen": [m.model_dump() for m in p.chosen],
+                    "rejected": [m.model_dump() for m in p.rejected],
+                    "weight": w,
+                }
+                for p, w in zip(pairs, weights, strict=True)
+            ],
+        )
+
+    def describe(kept: list[str], used: int) -> dict[str, Any]:
+        return {
+            "weighting": config.weighting,
+            "pairs": len(kept),
+            "pairs_used": used,
+            "dropped_identical": identical,
         }
-        for p, w in zip(pairs, weights, strict=True)
-        if p.dialogue_id not in dropped
-    ]
-    if not rows:
-        raise InputError(data, f"every prompt is longer than max_length={config.max_length}")
-    used = rows_for_steps(rows, config)
-    with quiet_training_logs():
-        args = WeightedDPOConfig(
-            **trainer_arguments(config),
-            beta=config.beta,
-            precompute_ref_log_probs=config.precompute_ref,
-            weight_column="weight",
-        )
-        trainer = without_printer(
-            WeightedDPOTrainer(
-                model=model,
-                args=args,
-                train_dataset=file_dataset(used, output_dir),
-                processing_class=tokenizer,
-                peft_config=lora_config(config),
-                callbacks=callbacks(output_dir, extra_callbacks),
-            )
-        )
-        trainer.train(resume_from_checkpoint=checkpoint)
-    summary = {
-        "method": "dpo",
-        "weighting": config.weighting,
-        "finetune": config.finetune,
-        "pairs": len(rows),
-        "pairs_used": len(used),
-        "dropped_identical": identical,
-        **lengths.as_dict(),
-        "resumed_from": Path(checkpoint).name if checkpoint else None,
+
+    method_args = {
+        "beta": config.beta,
+        "precompute_ref_log_probs": config.precompute_ref,
+        "weight_column": "weight",
     }
-    return finish(trainer, tokenizer, config, summary, began)
+    return train_rows(
+        config, resume, load, WeightedDPOTrainer, WeightedDPOConfig, method_args, describe,
+        extra_callbacks,
+    )  # fmt: skip

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import spearmanr
 
-from persona_align.cli import _metric_options
 from persona_align.data import read_dialogues
 from persona_align.data.responses import import_responses
-from persona_align.metrics import make_metric
+from persona_align.metrics import make_metric, parse_metric_options
 from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
 from persona_align.models import cache_dir
 
@@ -51,7 +50,7 @@ def main() -> None:
     if not POOL.exists():
         sys.exit(f"{POOL} is absent")
     names = args.metrics.split(",")
-    options = _metric_options(args.opt)
+    options = parse_metric_options(args.opt)
     dialogues = read_dialogues("persobench-csv", POOL / "prompts" / "train.csv")
     by_id = {d.id: d for d in dialogues}
     metrics = [make_metric(n, **options.get(n, {})) for n in names]

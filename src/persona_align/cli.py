@@ -282,13 +282,7 @@ def generate(
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
     from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
-    from persona_align.generation import (
-        GenerationCache,
-        GenerationParams,
-        make_responder,
-        run_responder,
-    )
-    from persona_align.models import cache_dir
+    from persona_align.generation import GenerationParams, make_responder, run_responders
 
     if config is not None:
         if responder or dialogues or output:
@@ -332,22 +326,8 @@ def generate(
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
     params = GenerationParams(**section.params.model_dump())
     responders = [make_responder(r.kind, **r.options()) for r in section.responders]
-    for item in responders:  # a responder that cannot start fails before any work
-        item.prepare()
-    store = (
-        GenerationCache(section.cache or cache_dir() / "generations.sqlite")
-        if section.use_cache
-        else None
-    )
-    candidates: list[Candidate] = []
-    try:
-        for item in responders:
-            candidates += run_responder(
-                rows, item, params, store, refresh, None if as_json else console
-            )
-    finally:
-        if store is not None:
-            store.close()
+    candidates = run_responders(rows, responders, params, section.cache, section.use_cache,
+                                refresh, None if as_json else console)  # fmt: skip
     write_records(section.output, candidates, Candidate)
     summary = {"command": "generate", "output": str(section.output)} | describe(candidates)
     if not as_json:
@@ -363,20 +343,6 @@ def generate(
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as handle:
         return sum(1 for line in handle if line.strip())
-
-
-def _metric_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
-    """``--opt c.mode=max`` into {"c": {"mode": "max"}}; values are parsed as YAML scalars."""
-    import yaml
-
-    options: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        metric, dot, option = key.partition(".")
-        if not sep or not dot or not metric or not option:
-            raise InputError(None, f"--opt expects METRIC.OPTION=VALUE, got {pair!r}")
-        options.setdefault(metric, {})[option.replace("-", "_")] = yaml.safe_load(value)
-    return options
 
 
 @app.command("score")
@@ -403,7 +369,7 @@ def score(
     """Score candidates with persona metrics; failures get each metric's worst value."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from persona_align.metrics import make_metric
+    from persona_align.metrics import make_metric, parse_metric_options
     from persona_align.metrics.aggregate import summarize
     from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
     from persona_align.models import cache_dir
@@ -412,7 +378,7 @@ def score(
     names = [n.strip() for n in metrics.split(",") if n.strip()]
     if not names:
         raise InputError(None, "--metrics is empty")
-    options = _metric_options(opt)
+    options = parse_metric_options(opt)
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")

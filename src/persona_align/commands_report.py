@@ -91,7 +91,7 @@ def bench_command(
     ] = False,
 ) -> None:
     """Score systems on the same dialogues; write report.md, report.html and summary.json."""
-    from persona_align.cli import _metric_options
+    from persona_align.metrics import parse_metric_options
     from persona_align.models import cache_dir
     from persona_align.report import run_bench
 
@@ -114,7 +114,7 @@ def bench_command(
         [*systems, *(more or [])],
         output,
         names,
-        options=_metric_options(opt),
+        options=parse_metric_options(opt),
         cache_path=None if no_cache else (cache or cache_dir() / "scores.sqlite"),
         baseline=baseline,
         training_log=log,

@@ -463,31 +463,11 @@ class Pipeline:
         cache_path: Path | None,
         use_cache: bool,
     ) -> list[Candidate]:
-        from persona_align.generation import (
-            GenerationCache,
-            GenerationParams,
-            make_responder,
-            run_responder,
-        )
-        from persona_align.models import cache_dir
+        from persona_align.generation import GenerationParams, make_responder, run_responders
 
         params = GenerationParams(**params_config.model_dump())
         made = [make_responder(r.kind, **responder_options(r)) for r in responders]
-        for responder in made:  # a responder that cannot start fails before any work
-            responder.prepare()
-        store = (
-            GenerationCache(cache_path or cache_dir() / "generations.sqlite") if use_cache else None
-        )
-        candidates: list[Candidate] = []
-        try:
-            for responder in made:
-                candidates += run_responder(
-                    dialogues, responder, params, store, False, self.console
-                )
-        finally:
-            if store is not None:
-                store.close()
-        return candidates
+        return run_responders(dialogues, made, params, cache_path, use_cache, False, self.console)
 
     def _score(
         self,

@@ -8,7 +8,7 @@ adding a module with a ``@register_responder`` class and importing it here.
 from persona_align.generation import hf, importer, openai_responder, reference  # noqa: F401
 from persona_align.generation.base import RESPONDERS, GenerationParams, Responder, make_responder
 from persona_align.generation.cache import GenerationCache
-from persona_align.generation.runner import run_responder
+from persona_align.generation.runner import run_responder, run_responders
 
 __all__ = [
     "RESPONDERS",
@@ -17,4 +17,5 @@ __all__ = [
     "Responder",
     "make_responder",
     "run_responder",
+    "run_responders",
 ]

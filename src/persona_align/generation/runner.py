@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (
@@ -134,3 +135,30 @@ def run_responder(
     if missing:
         raise RuntimeError(f"responder {responder.name!r} returned no result for {missing[:3]}")
     return [_to_candidate(r, results[r.key], responder, params, read) for r in requests]
+
+
+def run_responders(
+    dialogues: Sequence[Dialogue],
+    responders: Sequence[Responder],
+    params: GenerationParams,
+    cache_path: Path | None = None,
+    use_cache: bool = True,
+    refresh: bool = False,
+    console: Console | None = None,
+) -> list[Candidate]:
+    """Every responder over every dialogue, through one cache (default: the user cache's
+    ``generations.sqlite``). All responders start first, so one that cannot start (unknown
+    model, missing key) fails before any work is done."""
+    from persona_align.models import cache_dir
+
+    for responder in responders:
+        responder.prepare()
+    store = GenerationCache(cache_path or cache_dir() / "generations.sqlite") if use_cache else None
+    candidates: list[Candidate] = []
+    try:
+        for responder in responders:
+            candidates += run_responder(dialogues, responder, params, store, refresh, console)
+    finally:
+        if store is not None:
+            store.close()
+    return candidates

@@ -13,6 +13,13 @@ from persona_align.metrics import (  # noqa: F401
     persona_distance,
     similarity,
 )
-from persona_align.metrics.base import METRICS, Metric, ScoreItem, Unavailable, make_metric
+from persona_align.metrics.base import (
+    METRICS,
+    Metric,
+    ScoreItem,
+    Unavailable,
+    make_metric,
+    parse_metric_options,
+)
 
-__all__ = ["METRICS", "Metric", "ScoreItem", "Unavailable", "make_metric"]
+__all__ = ["METRICS", "Metric", "ScoreItem", "Unavailable", "make_metric", "parse_metric_options"]

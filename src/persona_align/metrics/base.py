@@ -97,3 +97,18 @@ def make_metric(name: str, **options: Any) -> Metric:
         if "argument" not in str(err):
             raise
         raise InputError(None, f"metric {name!r}: {err}") from None
+
+
+def parse_metric_options(pairs: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``c.mode=max`` (as given to ``--opt``) into {"c": {"mode": "max"}}; values are read as
+    YAML scalars, dashes in option names become underscores."""
+    import yaml
+
+    options: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        metric, dot, option = key.partition(".")
+        if not sep or not dot or not metric or not option:
+            raise InputError(None, f"--opt expects METRIC.OPTION=VALUE, got {pair!r}")
+        options.setdefault(metric, {})[option.replace("-", "_")] = yaml.safe_load(value)
+    return options

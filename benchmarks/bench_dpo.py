@@ -2,9 +2,10 @@
 
 Same model (the embedded SmolLM2), same pairs, batch and sequence length, same run. Ours is
 the score-weighted trainer with LoRA and precomputed reference log-probs (the reference pass
-runs once before training and is reported apart); the stock baseline is TRL's DPOTrainer
-fine-tuning every weight against a frozen reference copy. Each configuration runs in its own
-process, so peak RSS is its own.
+runs once before training and is reported apart), with and without running each pair's
+prompt once for both replies (``share_prompt``, the default); the stock baseline is TRL's
+DPOTrainer fine-tuning every weight against a frozen reference copy. Each configuration runs
+in its own process, so peak RSS is its own.
 
     .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--batch 2] [--pairs 24]
 """
@@ -20,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-CONFIGS = ("stock-full", "ours-lora-precomputed")
+WEIGHT = 0.6  # every pair's: our first loss / WEIGHT must equal the stock first loss
+CONFIGS = ("stock-full", "ours-lora-precomputed", "ours-lora-precomputed-shared-prompt")
 
 
 def make_pairs(count: int) -> list[dict[str, Any]]:
@@ -37,7 +39,7 @@ def make_pairs(count: int) -> list[dict[str, Any]]:
             "prompt": [m.model_dump() for m in persobench_messages(dialogue)],
             "chosen": [{"role": "assistant", "content": json.dumps({"response": gold})}],
             "rejected": [{"role": "assistant", "content": gold}],
-            "weight": 0.6,
+            "weight": WEIGHT,
         })  # fmt: skip
     return rows
 
@@ -81,7 +83,9 @@ def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                           task_type="CAUSAL_LM")  # fmt: skip
         trainer = WeightedDPOTrainer(
-            model=model, args=WeightedDPOConfig(**common, precompute_ref_log_probs=True),
+            model=model,
+            args=WeightedDPOConfig(**common, precompute_ref_log_probs=True,
+                                   share_prompt=config.endswith("shared-prompt")),
             processing_class=tokenizer, train_dataset=Dataset.from_list(rows), peft_config=lora,
             callbacks=[Timer()],
         )  # fmt: skip
@@ -91,7 +95,8 @@ def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[
     outside_steps = time.perf_counter() - began - sum(step_times)  # incl. the reference pass
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     measured = step_times[1:] or step_times  # the first step pays one-off warm-up costs
-    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True))
+    lengths = [len(tokenizer.apply_chat_template(r["prompt"] + r["chosen"], tokenize=True,
+                                                 return_dict=True)["input_ids"])
                for r in rows[:batch]]  # fmt: skip
     return {
         "config": config,
@@ -125,7 +130,7 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
         results[config] = json.loads(done.stdout.strip().splitlines()[-1])
-    stock, ours = results["stock-full"], results["ours-lora-precomputed"]
+    stock = results["stock-full"]
     print(f"embedded SmolLM2-135M, fp32, batch {args.batch}, {args.steps} steps, "
           f"~{stock['tokens_per_sequence']:.0f} tokens per sequence")  # fmt: skip
     print("| trainer | s / optimizer step | set-up s | train() s outside steps "
@@ -134,9 +139,16 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['s_per_step']:.2f} | {r['setup_s']:.1f} | "
               f"{r['outside_steps_s']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
-    print(f"\nstep-time ratio ours/stock: {ours['s_per_step'] / stock['s_per_step']:.2f}x "
-          "(target <= 0.5x)")  # fmt: skip
-    print(f"memory ratio ours/stock: {ours['peak_rss_mb'] / stock['peak_rss_mb']:.2f}x")
+    print()
+    for name in CONFIGS[1:]:
+        ours = results[name]
+        step = ours["s_per_step"] / stock["s_per_step"]
+        memory = ours["peak_rss_mb"] / stock["peak_rss_mb"]
+        first, stock_first = ours["losses"][0] / WEIGHT, stock["losses"][0]
+        print(
+            f"{name} / stock: step time {step:.2f}x (target <= 0.5x), peak memory "
+            f"{memory:.2f}x; step-1 loss / weight {first:.5f} vs stock {stock_first:.5f}"
+        )
 
 
 if __name__ == "__main__":

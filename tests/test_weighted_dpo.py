@@ -39,7 +39,7 @@ def dataset(weights: list[float]) -> Dataset:
 
 @pytest.fixture
 def make(tiny_llama_dir: Path, tmp_path: Path):
-    def build(weights: list[float], stock: bool = False):
+    def build(weights: list[float], stock: bool = False, share_prompt: bool = True):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
@@ -55,7 +55,7 @@ def make(tiny_llama_dir: Path, tmp_path: Path):
         else:
             trainer = WeightedDPOTrainer(
                 model=model,
-                args=WeightedDPOConfig(**common),
+                args=WeightedDPOConfig(**common, share_prompt=share_prompt),
                 train_dataset=dataset(weights),
                 processing_class=tokenizer,
             )
@@ -103,6 +103,33 @@ def test_zero_weight_pair_contributes_no_gradient(make) -> None:
     stock, batch = make([1.0] * 4, stock=True)
     (stock._compute_loss(stock.model, _pair_slice(batch, 0, 4), False) / 4).backward()
     assert torch.allclose(grads([1.0, 0.0, 0.0, 0.0]), flat(stock.model), atol=1e-7)
+
+
+def test_shared_prompt_gives_the_stock_loss_and_gradient_with_fewer_tokens(make) -> None:
+    def run(share: bool, checkpointing: bool = False) -> tuple[float, torch.Tensor, int]:
+        trainer, batch = make([1.0, 0.5, 2.0, 0.0], share_prompt=share)
+        if checkpointing:  # no key/value cache in checkpointed layers: the stock forward runs
+            trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
+        seen = []
+        hook = trainer.model.get_input_embeddings().register_forward_hook(
+            lambda module, args, out: seen.append(args[0].numel())
+        )
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        hook.remove()
+        grad = torch.cat(
+            [p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]
+        )
+        return loss.item(), grad, sum(seen)
+
+    shared_loss, shared_grad, shared_tokens = run(True)
+    plain_loss, plain_grad, plain_tokens = run(False)
+    assert shared_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert torch.allclose(shared_grad, plain_grad, atol=1e-6)
+    assert shared_tokens < 0.75 * plain_tokens  # each prompt ran once, padding trimmed
+    checkpointed_loss, _, checkpointed_tokens = run(True, checkpointing=True)
+    assert checkpointed_loss == pytest.approx(plain_loss, abs=1e-6)
+    assert checkpointed_tokens > shared_tokens
 
 
 def test_missing_weight_column_is_an_error(tiny_llama_dir: Path, tmp_path: Path) -> None:

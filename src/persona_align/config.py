@@ -83,6 +83,7 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(1024, ge=8)
     precompute_ref: bool = True
+    share_prompt: bool = True  # DPO: a pair's prompt runs once for both replies
     gradient_checkpointing: bool | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     logging_steps: int = Field(1, ge=1)

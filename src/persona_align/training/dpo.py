@@ -36,6 +36,13 @@ class WeightedDPOConfig(DPOConfig):
         default="weight",
         metadata={"help": "Dataset column with the per-pair loss weight; None for vanilla DPO."},
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Run the prompt a pair's chosen and rejected replies share through the "
+            "model once (its keys and values serve both replies); same loss, less compute."
+        },
+    )
 
 
 class _WeightedCollator:
@@ -63,6 +70,89 @@ def _pair_slice(inputs: dict[str, Any], index: int, pairs: int) -> dict[str, Any
     return out
 
 
+class _PromptOnce:
+    """Calls like the policy model on one pair's [chosen, rejected] rows, but runs the prompt
+    they share once and scores only the reply tokens.
+
+    The stock forward runs prompt + reply for each row and projects every position through
+    the LM head (on CPU the fused head does not skip masked positions); FoCus prompts are
+    ~800 tokens against ~50-token replies, so most of that work is repeated or discarded.
+    Pass 1 runs the prompt minus its last token with a key/value cache; pass 2 runs the last
+    prompt token and both replies over that cache (repeated for the two rows) and scores the
+    replies through TRL's fused head with pre-shifted labels. Gradients flow through the
+    cache into pass 1, so the loss and its gradient are the stock ones (up to rounding).
+    """
+
+    def __init__(self, model: Any, completion_mask: torch.Tensor) -> None:
+        self.model, self.completion_mask = model, completion_mask
+
+    def _shared(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """Length of the prompt both rows start with (real tokens, no reply token)."""
+        same = (
+            (input_ids[0] == input_ids[1])
+            & (attention_mask[0] == 1)
+            & (attention_mask[1] == 1)
+            & (self.completion_mask[0] == 0)
+            & (self.completion_mask[1] == 0)
+        )
+        return int(same.long().cumprod(0).sum())
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        **kwargs: Any,
+    ) -> Any:
+        shared = self._shared(input_ids, attention_mask) if input_ids.size(0) == 2 else 0
+        if shared < 2 or set(kwargs) - {"use_cache", "fused_lm_head"}:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                              **kwargs)  # fmt: skip
+        length = input_ids.size(1)
+        prompt = self.model(
+            input_ids=input_ids[:1, : shared - 1],
+            attention_mask=attention_mask[:1, : shared - 1],
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        cache = prompt.past_key_values
+        cache.batch_repeat_interleave(2)
+        # position t of pass 2 (token shared - 1 + t) predicts token shared + t
+        shift_labels = torch.cat([labels[:, shared:], labels.new_full((2, 1), -100)], dim=1)
+        out = self.model(
+            input_ids=input_ids[:, shared - 1 :],
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            shift_labels=shift_labels,
+            fused_lm_head=True,
+        )
+        # TRL reads per-token fields as [:, -(length - 1):]: prompt positions are 0 (masked),
+        # as in the stock head
+        for name in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1",
+                     "label_mask"):  # fmt: skip
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                pad = value.new_zeros((2, length - 1 - value.size(1)))
+                setattr(out, name, torch.cat([pad, value], dim=1))
+        return out
+
+
+def _trim(pair: dict[str, Any]) -> dict[str, Any]:
+    """Drop the padding columns a pair got from longer pairs of its batch (right padding)."""
+    mask = pair.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return pair
+    used = mask.any(dim=0).nonzero()
+    if used.numel() == 0 or int(used[0]) != 0:  # left padding: leave as is
+        return pair
+    end = int(used[-1]) + 1
+    length = mask.size(1)
+    return {
+        k: v[:, :end] if isinstance(v, torch.Tensor) and v.dim() == 2 and v.size(1) == length else v
+        for k, v in pair.items()
+    }
+
+
 class WeightedDPOTrainer(DPOTrainer):
     """DPOTrainer whose loss is the weighted mean of per-pair DPO losses."""
 
@@ -83,17 +173,40 @@ class WeightedDPOTrainer(DPOTrainer):
         if column is not None and column not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, column]
 
+    def _policy(self, model: Any, pair: dict[str, Any]) -> Any:
+        """The model, called through ``_PromptOnce`` when the prompt can be shared."""
+        share = (
+            getattr(self.args, "share_prompt", False)
+            and not self.aux_loss_enabled
+            # checkpointed layers run without a key/value cache
+            and not getattr(
+                self.accelerator.unwrap_model(model), "is_activation_checkpointing", False
+            )
+        )
+        return _PromptOnce(model, pair["completion_mask"]) if share else model
+
+    def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """Reference log-probs (precomputed or per step), pair by pair with a shared prompt."""
+        if not getattr(self.args, "share_prompt", False):
+            return super().compute_ref_log_probs(model, inputs)
+        pairs = inputs["input_ids"].size(0) // 2
+        chosen, rejected = [], []
+        for i in range(pairs):
+            pair = _trim(_pair_slice(inputs, i, pairs))
+            c, r = super().compute_ref_log_probs(self._policy(model, pair), pair)
+            chosen.append(c)
+            rejected.append(r)
+        return torch.cat(chosen), torch.cat(rejected)
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
         weights = inputs.pop(WEIGHT_KEY, None)
         if weights is None:
             return super()._compute_loss(model, inputs, return_outputs)
         pairs = weights.size(0)
-        losses = [
-            super(WeightedDPOTrainer, self)._compute_loss(
-                model, _pair_slice(inputs, i, pairs), False
-            )
-            for i in range(pairs)
-        ]
+        losses = []
+        for i in range(pairs):
+            pair = _trim(_pair_slice(inputs, i, pairs))
+            losses.append(super()._compute_loss(self._policy(model, pair), pair, False))
         loss = (torch.stack(losses) * weights.to(losses[0].device)).mean()
         return (loss, {}) if return_outputs else loss
 
@@ -166,6 +279,7 @@ def train_dpo(
     method_args = {
         "beta": config.beta,
         "precompute_ref_log_probs": config.precompute_ref,
+        "share_prompt": config.share_prompt,
         "weight_column": "weight",
     }
     return train_rows(

@@ -56,7 +56,14 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--eval", type=int, default=200, help="held-out valid dialogues")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=cache_dir(),
+        help="folder of the generation and score caches (empty = time it all)",
+    )
     args = parser.parse_args()
+    started = time.perf_counter()
     if not (args.pool / "scored.jsonl").exists():
         sys.exit(f"{args.pool} has no scored pool: run benchmarks/persodpo_pool.py first")
     timings: dict[str, float] = {}
@@ -84,14 +91,14 @@ def main() -> None:
     statuses = prepare_metrics(metrics, dialogues)
     ranges = fit_minmax(read_records(args.pool / "scored.jsonl", ScoredCandidate), DEFAULT_WEIGHTS)
     systems: dict[str, list[ScoredCandidate]] = {}
-    with GenerationCache(cache_dir() / "generations.sqlite") as generations:
+    with GenerationCache(args.cache / "generations.sqlite") as generations:
         for name, model in models.items():
             began = time.perf_counter()
             responder = make_responder("hf", model=model, name=name)
             candidates = run_responder(dialogues, responder, GenerationParams(), generations)
             timings[f"generate {name}"] = time.perf_counter() - began
             began = time.perf_counter()
-            scores = ScoreCache(cache_dir() / "scores.sqlite")
+            scores = ScoreCache(args.cache / "scores.sqlite")
             scored = list(score_stream(by_id, iter(candidates), metrics, statuses, scores))
             scores.close()
             systems[name] = [c.model_copy(update={"total": total_score(c.scores, DEFAULT_WEIGHTS,
@@ -129,6 +136,7 @@ def main() -> None:
     print("| step | seconds |\n|---|---:|")
     for step, seconds in timings.items():
         print(f"| {step} | {seconds:.0f} |")
+    print(f"| total wall | {time.perf_counter() - started:.0f} |")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,17 @@ def test_other_rules_and_options() -> None:
     assert len(fmt) == 5 and {(p.score_chosen, p.score_rejected, p.weight) for p in fmt} == {
         (1.0, 0.0, 1.0)
     }
+    # the format rule keeps both sides as written (auto = raw); json re-writes the valid side
+    pretty = [c.model_copy(update={"raw": json.dumps({"response": c.response}, indent=2)})
+              if c.valid else c for c in POOL]  # fmt: skip
+    assert {p.chosen[0].content for p in build_pairs(DIALOGUES, pretty, PairingConfig(
+        rule="format"))} == {c.raw for c in pretty[:5]}  # fmt: skip
+    as_json = build_pairs(DIALOGUES, pretty, PairingConfig(rule="format", response_format="json"))
+    assert {p.chosen[0].content for p in as_json} == {json.dumps({"response": f"r{i}"})
+                                                      for i in range(5)}  # fmt: skip
+    assert texts(build_pairs(DIALOGUES, pretty, PairingConfig(rule="best-worst"))) == [
+        (json.dumps({"response": "r4"}), "garbage")
+    ]  # other rules: json by default
     one = build_pairs(DIALOGUES, POOL, PairingConfig(weight="one"))
     assert {p.weight for p in one} == {1.0}
     capped = build_pairs(DIALOGUES, POOL, PairingConfig(max_pairs_per_dialogue=2, seed=3))

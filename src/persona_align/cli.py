@@ -497,8 +497,13 @@ def pairs(
     seed: Annotated[int, typer.Option(help="Seed of the per-dialogue cap sampling.")] = 0,
     weight: Annotated[str, typer.Option(help="Pair weight: sigmoid (PersoDPO) | one.")] = "sigmoid",
     response_format: Annotated[
-        str, typer.Option("--format", help="Replies as json | text.")
-    ] = "json",
+        str,
+        typer.Option(
+            "--format",
+            help="Replies as json | text | raw (as written); auto = raw for the format rule, "
+            "else json.",
+        ),
+    ] = "auto",
     as_json: JsonFlag = False,
 ) -> None:
     """Turn scored candidates into DPO pairs: `pairs -s S -d D -o P`, or `pairs stats FILE`."""
@@ -509,8 +514,10 @@ def pairs(
 
     if scored is None or dialogues is None or output is None:
         raise InputError(None, "pairs needs --scored, --dialogues and -o (or: pairs stats FILE)")
-    if weight not in {"sigmoid", "one"} or response_format not in {"json", "text"}:
-        raise InputError(None, "--weight must be sigmoid or one; --format must be json or text")
+    if weight not in {"sigmoid", "one"} or response_format not in {"auto", "json", "text", "raw"}:
+        raise InputError(
+            None, "--weight must be sigmoid or one; --format must be auto, json, text or raw"
+        )
     config = PairingConfig(
         rule=rule, upper=upper, lower=lower, margin=margin, max_pairs_per_dialogue=max_per_dialogue,
         seed=seed, weight=weight, response_format=response_format,  # type: ignore[arg-type]

@@ -197,7 +197,7 @@ class PairsSection(_Section):
     max_pairs_per_dialogue: int | None = Field(None, ge=1)
     weights: dict[str, float] | None = None  # None: PersoDPO's weights
     weight: Literal["sigmoid", "one"] = "sigmoid"
-    response_format: Literal["json", "text"] = "json"
+    response_format: Literal["auto", "json", "text", "raw"] = "auto"
     seed: int = 0
 
 

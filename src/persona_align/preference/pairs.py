@@ -33,7 +33,10 @@ class PairingConfig:
     dedupe: bool = True
     seed: int = 0
     weight: Literal["sigmoid", "one"] = "sigmoid"
-    response_format: Literal["json", "text"] = "json"
+    # json: valid replies re-written as {"response": ...}; text: bare reply; raw: as the model
+    # wrote it. auto = raw for the format rule (its pairs then differ in validity only, not in
+    # how the JSON is laid out), json otherwise (PersoDPO).
+    response_format: Literal["auto", "json", "text", "raw"] = "auto"
     variant: Literal["vanilla", "cot"] = "vanilla"
     word_limit: int = 110
     system: str | None = None
@@ -92,7 +95,7 @@ RULES: dict[str, Callable[[Sequence[ScoredCandidate], PairingConfig], Pairs]] = 
 
 def _content(candidate: ScoredCandidate, response_format: str) -> str:
     """A valid reply in the requested format; an invalid one as the model actually wrote it."""
-    if candidate.response is None:
+    if candidate.response is None or response_format == "raw":
         return candidate.raw
     if response_format == "json":
         return json.dumps({"response": candidate.response}, ensure_ascii=False)
@@ -117,6 +120,9 @@ def build_pairs(
             )
         groups.setdefault(candidate.dialogue_id, []).append(candidate)
     rule = RULES[config.rule]
+    response_format = config.response_format
+    if response_format == "auto":
+        response_format = "raw" if config.rule == "format" else "json"
     out: list[PreferencePair] = []
     for dialogue_id, group in groups.items():
         pairs = rule(group, config)
@@ -127,8 +133,8 @@ def build_pairs(
         made: list[PreferencePair] = []
         for chosen, rejected in pairs:
             texts = (
-                _content(chosen, config.response_format),
-                _content(rejected, config.response_format),
+                _content(chosen, response_format),
+                _content(rejected, response_format),
             )
             if config.dedupe and (texts[0] == texts[1] or texts in seen):
                 continue

@@ -124,8 +124,8 @@ def test_every_request_recovers_from_faults_with_retries() -> None:
 def test_without_retries_failures_come_back_as_results() -> None:
     requests = make_requests(500)
     # a longer timeout, so that only injected hangs time out on a busy machine
-    with FakeOpenAIServer(faults=MIXED_FAULTS, slow_s=3.0) as server:
-        responder = responder_for(server, max_retries=0, timeout=1.5)
+    with FakeOpenAIServer(faults=MIXED_FAULTS, slow_s=5.0) as server:
+        responder = responder_for(server, max_retries=0, timeout=2.5)
         responder.prepare()
         results = generate(responder, requests)
         assert server.calls == 500

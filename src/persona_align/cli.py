@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 from rich.console import Console
@@ -510,13 +510,17 @@ def pairs(
     if ctx.invoked_subcommand is not None:
         return
     from persona_align.preference import PairingConfig, build_pairs, fit_minmax, total_score
+    from persona_align.preference.pairs import PairFormat, PairWeight
     from persona_align.records import PreferencePair, ScoredCandidate, read_records
 
     if scored is None or dialogues is None or output is None:
         raise InputError(None, "pairs needs --scored, --dialogues and -o (or: pairs stats FILE)")
-    if weight not in {"sigmoid", "one"} or response_format not in {"auto", "json", "text", "raw"}:
+    weights_known, formats_known = get_args(PairWeight), get_args(PairFormat)
+    if weight not in weights_known or response_format not in formats_known:
         raise InputError(
-            None, "--weight must be sigmoid or one; --format must be auto, json, text or raw"
+            None,
+            f"--weight must be one of {', '.join(weights_known)}; "
+            f"--format must be one of {', '.join(formats_known)}",
         )
     config = PairingConfig(
         rule=rule, upper=upper, lower=lower, margin=margin, max_pairs_per_dialogue=max_per_dialogue,

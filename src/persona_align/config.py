@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from persona_align.errors import InputError
+from persona_align.preference.pairs import PairFormat, PairWeight
 from persona_align.preference.pal import PALDataConfig
 from persona_align.preference.sbs.dataset import SBSConfig
 
@@ -196,8 +197,8 @@ class PairsSection(_Section):
     margin: float = Field(0.1, ge=0)
     max_pairs_per_dialogue: int | None = Field(None, ge=1)
     weights: dict[str, float] | None = None  # None: PersoDPO's weights
-    weight: Literal["sigmoid", "one"] = "sigmoid"
-    response_format: Literal["auto", "json", "text", "raw"] = "auto"
+    weight: PairWeight = "sigmoid"
+    response_format: PairFormat = "auto"
     seed: int = 0
 
 

@@ -20,6 +20,11 @@ from persona_align.errors import InputError
 from persona_align.prompting import persobench_messages
 from persona_align.records import Dialogue, Message, PreferencePair, ScoredCandidate
 
+# json: valid replies re-written as {"response": ...}; text: bare reply; raw: as the model wrote
+# it. auto = raw for the format rule (its pairs then differ in validity only, not in how the
+# JSON is laid out), json otherwise (PersoDPO).
+PairFormat = Literal["auto", "json", "text", "raw"]
+PairWeight = Literal["sigmoid", "one"]
 Pairs = list[tuple[ScoredCandidate, ScoredCandidate]]
 
 
@@ -32,11 +37,8 @@ class PairingConfig:
     max_pairs_per_dialogue: int | None = None
     dedupe: bool = True
     seed: int = 0
-    weight: Literal["sigmoid", "one"] = "sigmoid"
-    # json: valid replies re-written as {"response": ...}; text: bare reply; raw: as the model
-    # wrote it. auto = raw for the format rule (its pairs then differ in validity only, not in
-    # how the JSON is laid out), json otherwise (PersoDPO).
-    response_format: Literal["auto", "json", "text", "raw"] = "auto"
+    weight: PairWeight = "sigmoid"
+    response_format: PairFormat = "auto"
     variant: Literal["vanilla", "cot"] = "vanilla"
     word_limit: int = 110
     system: str | None = None

@@ -1,8 +1,9 @@
 """The ``hf`` responder: a local transformers causal LM, batched greedy generation.
 
-Prompts go through the model's own chat template; batches are formed from length-sorted
-prompts with left padding, so little compute is spent on padding and every row's new tokens
-start at the same position.
+Prompts go through the model's own chat template and are taken in length order. Models whose
+layers all use full attention (Llama, Qwen2, SmolLM2, ...) decode through ``slots``: up to
+``batch_size`` prompts at once, a finished reply's slot taking the next prompt at once. Other
+models fall back to ``model.generate`` on left-padded batches.
 """
 
 from __future__ import annotations
@@ -84,27 +85,52 @@ def iter_generate(
     params: GenerationParams,
     batch_size: int = 8,
 ) -> Iterator[tuple[int, Result]]:
-    """``(prompt index, raw completion)`` as each batch finishes: length-sorted, left-padded
-    batches through the model's chat template, cut at the first end-of-turn token.
+    """``(prompt index, raw completion)`` as each reply finishes, through the model's chat
+    template, cut at the first end-of-turn token (slot decoding where ``slots.supported``).
 
     A tokenizer without a pad token gets its EOS token as one.
     """
     import torch
+
+    from persona_align.generation import slots
 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     texts = [render_chat(tokenizer, p) for p in prompts]
     if not texts:
         return
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False).input_ids]
+    token_ids = tokenizer(texts, add_special_tokens=False).input_ids
+    lengths = [len(ids) for ids in token_ids]
     order = sorted(range(len(texts)), key=lengths.__getitem__)
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+
+    def result(index: int, tokens: list[int], seconds: float) -> Result:
+        end = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
+        return Result(
+            raw=tokenizer.decode(tokens[:end], skip_special_tokens=True),
+            latency_s=seconds,
+            usage={"prompt_tokens": lengths[index], "completion_tokens": end},
+        )
+
+    if slots.supported(model, max(lengths) + params.max_new_tokens):
+        for position, tokens, seconds in slots.slot_generate(
+            model,
+            [token_ids[i] for i in order],
+            max_new_tokens=params.max_new_tokens,
+            eos_ids=eos_ids,
+            slots=batch_size,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+        ):
+            yield order[position], result(order[position], tokens, seconds)
+        return
     sampling: dict[str, Any] = (
         {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
         if params.temperature > 0
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     )
-    eos = model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
     torch.manual_seed(params.seed)
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's new tokens start at the same position
@@ -128,16 +154,7 @@ def iter_generate(
             per_item = (time.perf_counter() - began) / len(batch)
             new_tokens = out[:, enc["input_ids"].shape[1] :].tolist()
             for row, index in enumerate(batch):
-                tokens = new_tokens[row]
-                end = next((k + 1 for k, t in enumerate(tokens) if t in eos_ids), len(tokens))
-                yield (
-                    index,
-                    Result(
-                        raw=tokenizer.decode(tokens[:end], skip_special_tokens=True),
-                        latency_s=per_item,
-                        usage={"prompt_tokens": lengths[index], "completion_tokens": end},
-                    ),
-                )
+                yield index, result(index, new_tokens[row], per_item)
     finally:
         tokenizer.padding_side = padding_side
 

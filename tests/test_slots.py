@@ -1,0 +1,149 @@
+"""Slot decoding (continuous batching) against ``model.generate`` run on one prompt at a time."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from persona_align.generation import GenerationParams
+from persona_align.generation.hf import generate_texts
+from persona_align.generation.slots import _shared_prefix, slot_generate, supported
+from persona_align.models import load_causal_lm
+from persona_align.records import Dialogue
+
+# seven prompts of different lengths sharing the PersoBench instructions, more than the slots
+DIALOGUES = [
+    Dialogue(
+        id=f"d{i}",
+        persona=["I keep bees.", "I live by the sea."][: 1 + i % 2],
+        context=[{"speaker": "User1", "text": "Tell me about yourself" + " please" * (3 * i)}],
+    )
+    for i in range(7)
+]
+
+
+@pytest.fixture(scope="module")
+def lively_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama whose greedy replies vary from step to step (untied embeddings and
+    larger initial weights; the shared tiny model repeats the prompt's last token forever)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("lively-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny(lively_llama_dir: Path):
+    return load_causal_lm(str(lively_llama_dir))
+
+
+def alone(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[int]:
+    """What ``generate`` gives for one prompt with no batch around it, cut after the end token."""
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones((1, len(prompt)), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=sorted(eos),
+            pad_token_id=0,
+        )
+    tokens = out[0, len(prompt) :].tolist()
+    return tokens[: next((k + 1 for k, t in enumerate(tokens) if t in eos), len(tokens))]
+
+
+def test_slots_give_each_prompts_own_greedy_reply(tiny) -> None:
+    from persona_align.prompting import persobench_messages, render_chat
+
+    model, tokenizer = tiny
+    prompts = [
+        tokenizer(
+            render_chat(tokenizer, persobench_messages(d)), add_special_tokens=False
+        ).input_ids
+        for d in DIALOGUES
+    ]
+    assert _shared_prefix(prompts) >= 16 and len({len(p) for p in prompts}) == len(prompts)
+    # end tokens taken from the middle of the free-running replies, so replies end at
+    # different steps and freed slots take the next prompt while others are still going
+    free = [alone(model, p, 12, {-1}) for p in prompts]
+    eos = {free[0][3], free[1][6], free[2][1]}
+    expected = [alone(model, p, 12, eos) for p in prompts]
+    assert len({len(e) for e in expected}) >= 3, "replies should end at different steps"
+
+    got = {
+        index: tokens
+        for index, tokens, seconds in slot_generate(
+            model, prompts, max_new_tokens=12, eos_ids=eos, slots=3
+        )
+    }
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_hf_path_uses_slots_and_matches_generate(tiny, monkeypatch) -> None:
+    from persona_align.generation import slots
+
+    model, tokenizer = tiny
+    calls = []
+    original = slots.slot_generate
+    monkeypatch.setattr(
+        slots, "slot_generate", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    params = GenerationParams(max_new_tokens=8)
+    from persona_align.prompting import persobench_messages
+
+    messages = [persobench_messages(d) for d in DIALOGUES]
+    results = generate_texts(model, tokenizer, messages, params, batch_size=4)
+    assert calls == [1]
+    monkeypatch.setattr(slots, "supported", lambda *a: False)  # the padded generate path
+    padded = generate_texts(model, tokenizer, messages, params, batch_size=4)
+    assert [r.raw for r in results] == [r.raw for r in padded]
+    assert all(r.latency_s and r.latency_s > 0 for r in results)
+    assert [r.usage["completion_tokens"] for r in results] == [8] * len(DIALOGUES)
+
+
+def test_sampling_is_seeded(tiny) -> None:
+    model, _ = tiny
+    prompts = [[5, 6, 7, 8], [9, 10, 11], [12, 13, 14, 15, 16]]
+
+    def run(seed: int) -> dict[int, list[int]]:
+        return {
+            i: t
+            for i, t, _ in slot_generate(
+                model, prompts, max_new_tokens=6, eos_ids={-1}, slots=2, temperature=1.0, seed=seed
+            )
+        }
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    greedy = {i: t for i, t, _ in slot_generate(model, prompts, max_new_tokens=6, eos_ids={-1})}
+    assert run(1) != greedy
+
+
+def test_unsupported_models_fall_back(tiny) -> None:
+    model, _ = tiny
+    assert supported(model, 100)
+    model.generation_config.repetition_penalty = 1.3  # a processor the slots do not apply
+    assert not supported(model, 100)
+    model.generation_config.repetition_penalty = 1.0
+    model.config.sliding_window = 64
+    assert supported(model, 64) and not supported(model, 65)
+    model.config.sliding_window = None
+    model.config.layer_types = ["full_attention", "linear_attention"]
+    assert not supported(model, 10)

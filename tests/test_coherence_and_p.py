@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from persona_align.metrics.base import ScoreItem, Unavailable
-from persona_align.metrics.coherence import CohLLMJudge, CohUniEval, _shared_prefix
+from persona_align.metrics.coherence import CohLLMJudge, CohUniEval
 from persona_align.metrics.persona_distance import PersonaDistance, content_words
+from persona_align.prompting import shared_prefix
 from persona_align.records import Candidate, Dialogue, Turn
 
 TEXT = (
@@ -150,9 +151,9 @@ def test_llm_judge_shared_history_prefix_gives_the_unshared_values(tiny_llama_di
 
 
 def test_shared_prefix_leaves_every_row_a_token() -> None:
-    assert _shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
-    assert _shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
-    assert _shared_prefix([[7], [7, 8]]) == 0
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix([[7], [7, 8]]) == 0
 
 
 def test_content_words_drop_stopwords_punctuation_and_case() -> None:

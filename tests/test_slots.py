@@ -7,8 +7,9 @@ import torch
 
 from persona_align.generation import GenerationParams
 from persona_align.generation.hf import generate_texts
-from persona_align.generation.slots import _shared_prefix, slot_generate, supported
+from persona_align.generation.slots import slot_generate, supported
 from persona_align.models import load_causal_lm
+from persona_align.prompting import MIN_SHARED_PREFIX, shared_prefix
 from persona_align.records import Dialogue
 
 # seven prompts of different lengths sharing the PersoBench instructions, more than the slots
@@ -79,7 +80,9 @@ def test_slots_give_each_prompts_own_greedy_reply(tiny) -> None:
         ).input_ids
         for d in DIALOGUES
     ]
-    assert _shared_prefix(prompts) >= 16 and len({len(p) for p in prompts}) == len(prompts)
+    assert shared_prefix(prompts) >= MIN_SHARED_PREFIX and len({len(p) for p in prompts}) == len(
+        prompts
+    )
     # end tokens taken from the middle of the free-running replies, so replies end at
     # different steps and freed slots take the next prompt while others are still going
     free = [alone(model, p, 12, {-1}) for p in prompts]

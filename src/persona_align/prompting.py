@@ -154,3 +154,17 @@ def extract_response(raw: str, mode: ExtractionMode = "lenient") -> str | None:
     if mode == "lenient":
         return extract_lenient(raw)
     raise ValueError(f"unknown extraction mode {mode!r}; choose lenient or strict")
+
+
+MIN_SHARED_PREFIX = 16  # shorter common token prefixes are not worth computing separately
+
+
+def shared_prefix(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to all rows, leaving every row at least one token of
+    its own: prompts built from one template share their instructions, whose keys and values
+    need computing once (slot decoding, the coherence judge)."""
+    shortest = min(len(r) for r in rows)
+    keep = 0
+    while keep < shortest - 1 and all(r[keep] == rows[0][keep] for r in rows):
+        keep += 1
+    return keep

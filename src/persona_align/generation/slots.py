@@ -34,7 +34,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth a copy per prompt
+from persona_align.prompting import MIN_SHARED_PREFIX, shared_prefix
 
 # generation-config fields whose non-default values add logits processors we do not replicate
 _UNSUPPORTED = {
@@ -160,17 +160,6 @@ class SlotDecoder:
         return out.logits[:, -1, :].float().cpu()
 
 
-def _shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the token prefix common to all sequences, leaving each at least one token."""
-    if len(sequences) < 2:
-        return 0
-    first, shortest = sequences[0], min(len(s) for s in sequences)
-    length = 0
-    while length < shortest - 1 and all(s[length] == first[length] for s in sequences):
-        length += 1
-    return length if length >= MIN_SHARED_PREFIX else 0
-
-
 class _Row:
     """A prompt in a slot: its index, the tokens generated so far, compute seconds spent."""
 
@@ -194,7 +183,8 @@ def slot_generate(
     if not prompts:
         return
     device = model.device
-    prefix = _shared_prefix(prompts)
+    prefix = shared_prefix(prompts) if len(prompts) > 1 else 0
+    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
     decoder = SlotDecoder(
         model, min(slots, len(prompts)), max(len(p) for p in prompts) + max_new_tokens
     )

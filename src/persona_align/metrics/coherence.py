@@ -17,7 +17,12 @@ from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.loading import first_line, pretrained_source
 from persona_align.models import DTYPES, load_causal_lm, model_version
-from persona_align.prompting import format_context, render_chat
+from persona_align.prompting import (
+    MIN_SHARED_PREFIX,
+    format_context,
+    render_chat,
+    shared_prefix,
+)
 from persona_align.records import Message, Turn
 
 UNIEVAL_DIALOG = "MingZhong/unieval-dialog"
@@ -261,7 +266,7 @@ class CohLLMJudge(Metric):
             groups.setdefault(item.dialogue.id, []).append(index)
         alone = []
         for group in groups.values():
-            keep = _shared_prefix([ids[i] for i in group]) if self.share_prefix else 0
+            keep = shared_prefix([ids[i] for i in group]) if self.share_prefix else 0
             if len(group) > 1 and keep >= MIN_SHARED_PREFIX:
                 for chunk in range(0, len(group), self.batch_size):
                     part = group[chunk : chunk + self.batch_size]
@@ -331,13 +336,3 @@ class CohLLMJudge(Metric):
 
 
 # Below this many shared tokens, a separate prefix pass costs more than it saves.
-MIN_SHARED_PREFIX = 16
-
-
-def _shared_prefix(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the common token prefix, leaving every row at least one token of its own."""
-    shortest = min(len(r) for r in rows)
-    keep = 0
-    while keep < shortest - 1 and all(r[keep] == rows[0][keep] for r in rows):
-        keep += 1
-    return keep

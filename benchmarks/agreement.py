@@ -3,8 +3,8 @@
 The authors scored 7 LLMs x 1,500 FoCus training dialogues with their own (unreleased) NLI
 models and GoogleNews word2vec; we score the same extracted replies with our metrics. Reported:
 Spearman's rho across the 7 systems of per-system means (all replies, failures at the worst
-value as both sides do; and valid replies only), and per-reply agreement of the C label
-(share of equal labels, Cohen's kappa).
+value as both sides do; and valid replies only), Spearman's rho across the valid replies
+themselves, and per-reply agreement of the C label (share of equal labels, Cohen's kappa).
 
     .venv/bin/python benchmarks/agreement.py [--metrics c,ue,p] [--opt c.mode=persobench]
 """
@@ -81,9 +81,10 @@ def main() -> None:
     print(f"\n{len(systems)} systems x {len(dialogues)} dialogues, scored in {seconds:.0f} s")
     print(f"metric options: {options or 'defaults'}")
     print(
-        "| metric | rho (all replies) | rho (valid replies only) | ours: mean per system | theirs |"
+        "| metric | rho (all replies) | rho (valid replies only) | per-reply rho (valid) "
+        "| ours: mean per system | theirs |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for name in names:
         if name not in THEIRS:
             continue
@@ -99,7 +100,17 @@ def main() -> None:
             f"{s[:10]} {m:.2f}" for s, m in zip(systems, rows[0][1], strict=True)
         )
         theirs_means = ", ".join(f"{m:.2f}" for m in rows[0][2])
-        print(f"| {name} | {rows[0][0]:.3f} | {rows[1][0]:.3f} | {ours_means} | {theirs_means} |")
+        pairs = [
+            (o, t)
+            for s in systems
+            for o, t, ok in zip(ours[s][name], theirs[s][name], valid[s], strict=True)
+            if ok
+        ]
+        per_reply = spearmanr(*zip(*pairs, strict=True)).statistic
+        print(
+            f"| {name} | {rows[0][0]:.3f} | {rows[1][0]:.3f} | {per_reply:.3f} | {ours_means} "
+            f"| {theirs_means} |"
+        )
     if "c" in names:
         a = [round(v) for s in systems for v, ok in zip(ours[s]["c"], valid[s], strict=True) if ok]
         b = [

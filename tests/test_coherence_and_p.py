@@ -194,6 +194,71 @@ def test_p_word2vec_is_the_cosine_of_mean_vectors(word_vectors: Path, filename: 
     assert values[2] == pytest.approx(1.0)
 
 
+@pytest.fixture(scope="module")
+def static_vectors_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-layer BERT whose input embeddings are set by hand; "dogs" is dog + ##s."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    rows = {
+        "[PAD]": [0, 0, 0, 0],
+        "[UNK]": [5, 5, 5, 5],
+        "[CLS]": [0, 0, 0, 0],
+        "[SEP]": [0, 0, 0, 0],
+        "love": [1, 0, 0, 0],
+        "dog": [0, 1, 0, 0],
+        "cat": [0, 1, 1, 0],
+        "pizza": [1, 0, 1, 0],
+        "##s": [0, 0, 0, 2],
+    }
+    vocab = {word: index for index, word in enumerate(rows)}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=8,
+    )
+    model = BertModel(config)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.copy_(torch.tensor(list(rows.values())))
+    folder = tmp_path_factory.mktemp("static-vectors")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_p_static_is_the_cosine_of_mean_piece_vectors(static_vectors_dir: Path) -> None:
+    metric = PersonaDistance(backend="static", model=str(static_vectors_dir))
+    assert PersonaDistance().backend == "static"  # the offline default
+    metric.load()
+    persona = ["I love my dog."]  # love, dog: mean (.5, .5, 0, 0)
+    values = metric.score(
+        [
+            make_item(persona, ["Hi!"], "The cat eats pizza!"),  # "eats" is all [UNK]: skipped
+            make_item(persona, ["Hi!"], "Wow, hmm!"),  # no word with a vector
+            make_item(persona, ["Hi!"], "Dogs!"),  # dog + ##s: (0, .5, 0, 1)
+        ]
+    )
+    # mean(cat, pizza) = (.5, .5, 1, 0): cosine = .5 / sqrt(.5 * 1.5)
+    assert values[0] == pytest.approx(1 / math.sqrt(3))
+    assert values[1] == 0.0
+    # (.5, .5, 0, 0) . (0, .5, 0, 1) = .25; norms sqrt(.5) and sqrt(1.25)
+    assert values[2] == pytest.approx(0.25 / math.sqrt(0.5 * 1.25))
+    assert metric.settings()["backend"] == "static"
+
+
 def test_p_word2vec_without_vectors_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(Unavailable, match="needs the option vectors"):
         PersonaDistance(backend="word2vec").load()
@@ -202,7 +267,7 @@ def test_p_word2vec_without_vectors_is_unavailable(tmp_path: Path) -> None:
 
 
 def test_p_sentence_backend_with_embedded_minilm() -> None:
-    metric = PersonaDistance()
+    metric = PersonaDistance(backend="sentence")
     metric.load()
     persona = ["I love hiking in the mountains.", "I have two dogs."]
     same, related, unrelated, empty = metric.score(

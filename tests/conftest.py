@@ -42,31 +42,48 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
-    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local checkpoint directory."""
+def _tiny_llama(folder: Path, tokenizer_dir: Path, **config: object) -> Path:
+    """Save a 2-layer random Llama with the SmolLM2 tokenizer to ``folder``."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    settings = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    LlamaForCausalLM(LlamaConfig(**(settings | config))).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama with the SmolLM2 tokenizer, saved as a local checkpoint directory."""
+    return _tiny_llama(
+        tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer_dir, tie_word_embeddings=True
+    )
+
+
+@pytest.fixture(scope="session")
+def lively_llama_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama whose greedy replies vary from step to step (untied embeddings and
+    larger initial weights; ``tiny_llama_dir`` repeats the prompt's last token forever)."""
+    return _tiny_llama(
+        tmp_path_factory.mktemp("lively-llama"),
+        smollm2_tokenizer_dir,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
 
 
 class CliResult:

@@ -218,7 +218,7 @@ def slot_generate(
             began = time.perf_counter()
             cache = DynamicCache(config=model.config)
             for number, layer in enumerate(shared.layers if prefix else []):
-                cache.update(layer.keys.clone(), layer.values.clone(), number)
+                cache.update(layer.keys, layer.values, number)  # copied: update concatenates
             prompt = prompts[index]
             out = model(
                 torch.tensor([prompt[prefix:]], device=device),
@@ -228,8 +228,8 @@ def slot_generate(
                 logits_to_keep=1,
             )
             decoder.load(slot, cache, len(prompt))
-            row = _Row(index, choose(out.logits[:, -1, :].float().cpu())[0], 0.0)
-            row.seconds = time.perf_counter() - began
+            token = choose(out.logits[:, -1, :].float().cpu())[0]
+            row = _Row(index, token, time.perf_counter() - began)
             if not done(row.tokens):
                 live[slot] = row
                 return

@@ -23,7 +23,7 @@ Failed replies get 0.0, PersoBench's "worst value" for P, although a cosine can 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -53,6 +53,20 @@ def content_words(text: str) -> list[str]:
 
     words = (token.lower_ for token in _spacy_tokenizer()(text))
     return [w for w in words if any(c.isalnum() for c in w) and w not in STOP_WORDS]
+
+
+def _mean_vector_cosine(
+    persona: list[str], reply: list[str], vector: Callable[[str], np.ndarray | None]
+) -> float:
+    """Cosine of the two sides' mean word vectors; words without a vector are skipped and a
+    side with none scores 0.0 (PersoBench's rule)."""
+    means = []
+    for words in (persona, reply):
+        found = [v for v in map(vector, words) if v is not None]
+        if not found:
+            return 0.0
+        means.append(np.mean(found, axis=0, dtype=np.float64))
+    return _cosine(*means)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -147,31 +161,14 @@ class PersonaDistance(Metric):
         replies = [item.response for item in items]
         words = {text: content_words(text) for text in {*personas, *replies}}
         pairs = [(words[p], words[r]) for p, r in zip(personas, replies, strict=True)]
-        if self.backend == "word2vec":
-            return [self._word2vec(persona, reply) for persona, reply in pairs]
-        if self.backend == "static":
-            return [self._static(persona, reply) for persona, reply in pairs]
-        return self._sentence(pairs)
+        if self.backend == "sentence":
+            return self._sentence(pairs)
+        vector = self._keyed_vector if self.backend == "word2vec" else self._word_vector
+        return [_mean_vector_cosine(persona, reply, vector) for persona, reply in pairs]
 
-    def _word2vec(self, persona: list[str], reply: list[str]) -> float:
+    def _keyed_vector(self, word: str) -> np.ndarray | None:
         keyed = self._keyed
-        persona_vecs = [keyed[w] for w in persona if w in keyed.key_to_index]
-        reply_vecs = [keyed[w] for w in reply if w in keyed.key_to_index]
-        if not persona_vecs or not reply_vecs:
-            return 0.0
-        return _cosine(
-            np.mean(persona_vecs, axis=0, dtype=np.float64),
-            np.mean(reply_vecs, axis=0, dtype=np.float64),
-        )
-
-    def _static(self, persona: list[str], reply: list[str]) -> float:
-        sides = []
-        for words in (persona, reply):
-            vectors = [v for v in map(self._word_vector, words) if v is not None]
-            if not vectors:
-                return 0.0
-            sides.append(np.mean(vectors, axis=0, dtype=np.float64))
-        return _cosine(*sides)
+        return keyed[word] if word in keyed.key_to_index else None
 
     def _word_vector(self, word: str) -> np.ndarray | None:
         """Mean of the word's pieces in the input-embedding table (None when all are unknown)."""

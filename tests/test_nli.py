@@ -270,7 +270,8 @@ def test_c_and_ue_share_one_model_and_its_results(tiny_nli: Path) -> None:
     first = c.score(items)
     assert c.nli.forwarded == 1  # three identical (persona, reply) pairs: one forward
     ue.score(items)
-    assert c.nli.forwarded == 2  # only the (reference, reply) pair was new
+    # only the (reference, reply) pair is new, and it is judged only if the persona entails
+    assert c.nli.forwarded == 1 + (first[0] == 1.0)
     fresh = make_metric("c", model=str(tiny_nli), batch_size=3)  # its own model, no memo
     assert fresh.score(items) == first
 
@@ -371,7 +372,7 @@ def test_c_score_modes(mode: str, expected: list[float]) -> None:
 def test_ue_score_values() -> None:
     metric = make_metric("ue")
     ref = "My dog is called Rex."
-    fake_nli(
+    calls = fake_nli(
         metric,
         {(WHOLE, "both"): "entailment", (ref, "both"): "entailment",
          (WHOLE, "persona"): "entailment", (ref, "persona"): "neutral",
@@ -382,6 +383,11 @@ def test_ue_score_values() -> None:
     items.append(ScoreItem(*item("both", reference=None)))
     assert metric.score(items) == [2.0, 1.0, 0.0, 0.0, None]
     assert UEScore.needs_reference
+    # the gold reply is asked about only the replies the persona entails
+    assert calls[1:] == [[(ref, "both"), (ref, "persona")]]
+    calls = fake_nli(metric, {})  # nothing entailed: no second call at all
+    assert metric.score(items[:2]) == [0.0, 0.0]
+    assert len(calls) == 1
 
 
 def test_failures_get_the_worst_value() -> None:

@@ -95,14 +95,19 @@ class UEScore(_NLIMetric):
     needs_reference = True
 
     def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
+        """The (gold reply, reply) pair is judged only for replies the persona entails: for the
+        others UE is 0 whatever that pair's label (44% of the valid PersoDPO-pool replies under
+        ``embedded-nli``, so that share of the second pass is skipped)."""
         scored = [i for i in items if i.dialogue.reference]
-        labels = self.nli.predict(
-            [(persona_text(i.dialogue), i.response) for i in scored]
-            + [(i.dialogue.reference or "", i.response) for i in scored]
+        by_persona = self.nli.predict([(persona_text(i.dialogue), i.response) for i in scored])
+        entailed = [i for i, label in zip(scored, by_persona, strict=True) if label == "entailment"]
+        by_reference = iter(
+            self.nli.predict([(i.dialogue.reference or "", i.response) for i in entailed])
+            if entailed
+            else []
         )
-        by_persona, by_reference = labels[: len(scored)], labels[len(scored) :]
         values = iter(
-            (2.0 if ref == "entailment" else 1.0) if per == "entailment" else 0.0
-            for per, ref in zip(by_persona, by_reference, strict=True)
+            (2.0 if next(by_reference) == "entailment" else 1.0) if label == "entailment" else 0.0
+            for label in by_persona
         )
         return [next(values) if i.dialogue.reference else None for i in items]

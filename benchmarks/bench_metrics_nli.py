@@ -61,10 +61,7 @@ def persobench_ue(items: list[ScoreItem], predict) -> list[float]:
     """UE the PersoBench way: both NLI pairs of every reply are judged."""
     persona = predict([(consistency.persona_text(i.dialogue), i.response) for i in items])
     gold = predict([(i.dialogue.reference, i.response) for i in items])
-    return [
-        (2.0 if g == "entailment" else 1.0) if p == "entailment" else 0.0
-        for p, g in zip(persona, gold, strict=True)
-    ]
+    return [consistency.ue_value(p, g) for p, g in zip(persona, gold, strict=True)]
 
 
 def per_pair_predict(nli: NLIModel):

@@ -35,6 +35,13 @@ def persona_text(dialogue: Dialogue) -> str:
     return " ".join(sentence.strip() for sentence in dialogue.persona)
 
 
+def ue_value(by_persona: str, by_reference: str | None) -> float:
+    """UE from the two NLI labels; the reference label only matters when the persona entails."""
+    if by_persona != "entailment":
+        return 0.0
+    return 2.0 if by_reference == "entailment" else 1.0
+
+
 class _NLIMetric(Metric):
     """A metric computed from NLI labels; C and UE differ only in the pairs and the mapping."""
 
@@ -107,7 +114,7 @@ class UEScore(_NLIMetric):
             else []
         )
         values = iter(
-            (2.0 if next(by_reference) == "entailment" else 1.0) if label == "entailment" else 0.0
+            ue_value(label, next(by_reference) if label == "entailment" else None)
             for label in by_persona
         )
         return [next(values) if i.dialogue.reference else None for i in items]

@@ -123,3 +123,113 @@ def test_unsupported_models_fall_back(tiny) -> None:
     model.config.sliding_window = None
     model.config.layer_types = ["full_attention", "linear_attention"]
     assert not supported(model, 10)
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    from persona_align.prompting import persobench_messages, render_chat
+
+    return [
+        tokenizer(
+            render_chat(tokenizer, persobench_messages(d)), add_special_tokens=False
+        ).input_ids
+        for d in DIALOGUES
+    ]
+
+
+def _counting_steps(monkeypatch) -> list[int]:
+    """Tokens fed per row in each decode step, recorded as the decoder runs."""
+    from persona_align.generation import slots
+
+    fed: list[int] = []
+    original = slots.SlotDecoder.step
+
+    def step(self, tokens):
+        fed.append(len(tokens[0]))
+        return original(self, tokens)
+
+    monkeypatch.setattr(slots.SlotDecoder, "step", step)
+    return fed
+
+
+def test_looked_up_guesses_save_steps_and_change_nothing(tiny, monkeypatch) -> None:
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    fed = _counting_steps(monkeypatch)
+    plain = dict(
+        (i, t)
+        for i, t, _ in slot_generate(
+            model, prompts, max_new_tokens=24, eos_ids={-1}, slots=3, guesses=0
+        )
+    )
+    plain_steps = len(fed)
+    assert set(fed) == {1}
+    fed.clear()
+    guessed = dict(
+        (i, t)
+        for i, t, _ in slot_generate(
+            model, prompts, max_new_tokens=24, eos_ids={-1}, slots=3, guesses=4
+        )
+    )
+    assert guessed == plain
+    assert max(fed) > 1 and len(fed) < plain_steps  # guesses were fed, and some were right
+    assert model.config._attn_implementation == "sdpa"  # restored after the run
+
+
+def test_wrong_guesses_are_thrown_away(tiny, monkeypatch) -> None:
+    from persona_align.generation import slots
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    plain = dict(
+        (i, t)
+        for i, t, _ in slot_generate(
+            model, prompts, max_new_tokens=16, eos_ids={-1}, slots=3, guesses=0
+        )
+    )
+    fed = _counting_steps(monkeypatch)
+    monkeypatch.setattr(slots._Lookup, "guess", lambda self, most: [7, 8, 9, 10][:most])
+    wrong = dict(
+        (i, t)
+        for i, t, _ in slot_generate(
+            model, prompts, max_new_tokens=16, eos_ids={-1}, slots=3, guesses=4
+        )
+    )
+    assert wrong == plain
+    assert max(fed) == 5
+
+
+def test_lookup_copies_what_followed_the_latest_match() -> None:
+    from persona_align.generation.slots import _Lookup, _Replies
+
+    lookup = _Lookup([1, 2, 3, 4, 9, 2, 3, 5, 6])
+    lookup.push(2)
+    lookup.push(3)
+    assert lookup.guess(3) == [5, 6, 2]  # "2 3" last came before 5 6, the latest match wins
+    assert lookup.guess(0) == []
+    replies = _Replies(_Lookup.NGRAMS)
+    replies.add([40, 41, 42, 43], most=4)
+    other = _Lookup([50, 51], replies)
+    other.push(40)
+    assert other.guess(2) == [41, 42]  # from another prompt's finished reply
+    assert _Lookup([50, 51]).guess(2) == []
+
+
+def test_packed_attention_equals_repeated_heads() -> None:
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from persona_align.generation.slots import _packed_attention
+
+    torch.manual_seed(0)
+    query = torch.randn(2, 6, 4, 8)
+    key, value = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 10, 8)
+    visible = torch.rand(2, 1, 4, 10) > 0.3
+    visible[..., 0] = True
+    mask = torch.zeros(visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+    module = SimpleNamespace(num_key_value_groups=2, is_causal=True, training=False)
+    got, _ = _packed_attention(module, query, key, value, mask, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        query, repeat_kv(key, 2), repeat_kv(value, 2), attn_mask=mask, scale=0.3
+    ).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

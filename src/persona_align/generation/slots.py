@@ -10,9 +10,16 @@ of the call — the PersoBench instructions — has been run once and copied in.
 
 Rows never interact: each attends only to its own columns of the buffer (a per-row mask), and
 its positions count from its own first token, so a reply is the one the model gives alone up
-to floating-point summation order. transformers' own continuous batching
-(``model.generate_batch``) exists but took 8.5 s per FoCus prompt on this 2-core CPU, slower
-than generating one prompt at a time (4.8 s).
+to floating-point summation order.
+
+A decode step reads every weight matrix once whatever the number of rows, so it costs much the
+same for one token per row as for a few (on a 2-core CPU, 44 ms for 8 tokens, 65 ms for 40).
+Greedy decoding uses that: each slot also feeds up to ``guesses`` tokens looked up from its
+prompt and from finished replies (prompt-lookup decoding), and keeps them only as far as they
+are the tokens the model picks after them, so every reply stays the model's own greedy reply.
+
+transformers' own continuous batching (``model.generate_batch``) exists but took 8.5 s per
+FoCus prompt on a 2-core CPU, slower than generating one prompt at a time (4.8 s).
 
 Only decoder-only models whose layers all use full attention are eligible (``supported``);
 anything else (sliding windows shorter than the sequence, linear-attention or recurrent layers,
@@ -27,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, AttentionMaskInterface, DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.logits_process import (
     LogitsProcessorList,
@@ -35,8 +42,11 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from persona_align.prompting import MIN_SHARED_PREFIX, shared_prefix
+
+ATTENTION = "persona_align_slots"
 
 # generation-config fields whose non-default values add logits processors we do not replicate
 _UNSUPPORTED = {
@@ -75,19 +85,21 @@ def supported(model: Any, longest: int) -> bool:
 
 
 class _Rows:
-    """Where each slot's next key/value goes (its length so far) and the live width."""
+    """Where each slot's next keys/values go (its length so far), how many tokens each slot is
+    fed in the current step, and the live width."""
 
     def __init__(self, slots: int) -> None:
         self.lengths = torch.zeros(slots, dtype=torch.long)
+        self.fed = 1
 
     @property
     def width(self) -> int:
-        return int(self.lengths.max()) + 1
+        return int(self.lengths.max()) + self.fed
 
 
 class _SlotLayer(DynamicLayer):
     """One layer's keys and values for all slots; slot ``b`` holds its tokens at columns
-    ``0 .. lengths[b] - 1`` and each decode step writes one column per slot, in place."""
+    ``0 .. lengths[b] - 1`` and each decode step writes ``fed`` columns per slot, in place."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: _Rows) -> None:
         super().__init__()
@@ -97,14 +109,48 @@ class _SlotLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = torch.arange(self.keys.shape[0])
-        self.keys[slots, :, self.rows.lengths] = key_states[:, :, 0]
-        self.values[slots, :, self.rows.lengths] = value_states[:, :, 0]
+        slots = torch.arange(self.keys.shape[0])[:, None]
+        columns = self.rows.lengths[:, None] + torch.arange(key_states.shape[2])
+        self.keys[slots, :, columns] = key_states.transpose(1, 2)
+        self.values[slots, :, columns] = value_states.transpose(1, 2)
         width = self.rows.width
         return self.keys[:, :, :width], self.values[:, :, :width]
 
     def get_seq_length(self) -> int:
-        return self.rows.width - 1
+        return self.rows.width - self.rows.fed
+
+
+def _packed_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for several masked query tokens per row without copying grouped key/value heads.
+
+    transformers repeats each key/value head for its query heads (a copy of the whole cache
+    every layer) whenever a mask is given and more than one query token is fed; here the query
+    heads of a group are stacked along the query axis instead — the same products, read once.
+    """
+    groups = query.shape[1] // key.shape[1]
+    tokens = query.shape[2]
+    if attention_mask is None or tokens == 1 or groups == 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, heads, _, dim = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(batch, key.shape[1], groups * tokens, dim),
+        key,
+        value,
+        attn_mask=attention_mask.repeat(1, 1, groups, 1),
+        scale=kwargs.get("scaling"),
+    )
+    return out.reshape(batch, heads, tokens, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, _packed_attention)
+AttentionMaskInterface.register(ATTENTION, AttentionMaskInterface._global_mapping["sdpa"])
 
 
 class SlotDecoder:
@@ -144,29 +190,93 @@ class SlotDecoder:
             layer.values = layer.values.index_select(0, index)
         self.rows.lengths = self.rows.lengths.index_select(0, index)
 
-    def step(self, tokens: list[int]) -> torch.Tensor:
-        """Feed each slot its latest token; the next-token logits of every slot."""
+    def step(self, tokens: list[list[int]]) -> torch.Tensor:
+        """Feed each slot the same number of tokens (its latest, then any guesses); the
+        next-token logits after each fed token, ``(slots, fed, vocabulary)``. The slots'
+        lengths stay put until ``advance`` says how many fed tokens each keeps."""
         device = self.model.device
-        visible = torch.arange(self.rows.width)[None, :] <= self.rows.lengths[:, None]
+        self.rows.fed = fed = len(tokens[0])
+        positions = self.rows.lengths[:, None] + torch.arange(fed)
+        visible = torch.arange(self.rows.width)[None, None, :] <= positions[:, :, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         out = self.model(
-            input_ids=torch.tensor(tokens, device=device)[:, None],
-            attention_mask=mask[:, None, None, :].to(device),
-            position_ids=self.rows.lengths[:, None].to(device),
+            input_ids=torch.tensor(tokens, device=device),
+            attention_mask=mask[:, None].to(device),
+            position_ids=positions.to(device),
             past_key_values=self.cache,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=fed,
         )
-        self.rows.lengths += 1
-        return out.logits[:, -1, :].float().cpu()
+        return out.logits.float().cpu()
+
+    def advance(self, kept: list[int]) -> None:
+        """Each slot keeps the keys/values of its first ``kept`` fed tokens; later columns are
+        overwritten by the next step."""
+        self.rows.lengths += torch.tensor(kept, dtype=torch.long)
+        self.rows.fed = 1
+
+
+class _Replies:
+    """What followed each n-gram in the replies generated so far, over all prompts: replies to
+    different dialogues share their JSON frame and many turns of phrase."""
+
+    def __init__(self, ngrams: tuple[int, ...]) -> None:
+        self.ngrams = ngrams
+        self.after: dict[tuple[int, ...], list[int]] = {}
+
+    def add(self, tokens: list[int], most: int) -> None:
+        for end in range(len(tokens) - 1):
+            for n in self.ngrams:
+                if end + 1 >= n:
+                    self.after[tuple(tokens[end + 1 - n : end + 1])] = tokens[
+                        end + 1 : end + 1 + most
+                    ]
+
+
+class _Lookup:
+    """Guesses how a reply goes on by finding its last few tokens earlier in the prompt or the
+    reply and copying what followed (prompt-lookup decoding): persona replies reuse phrases of
+    the persona and the dialogue, and their own JSON frame."""
+
+    NGRAMS = (3, 2, 1)
+
+    def __init__(self, prompt: Sequence[int], replies: _Replies | None = None) -> None:
+        self.tokens = list(prompt)
+        self.replies = replies
+        self.after: dict[tuple[int, ...], int] = {}  # n-gram -> where its latest follower is
+        for end in range(len(self.tokens) - 1):
+            self._index(end)
+
+    def _index(self, end: int) -> None:
+        for n in self.NGRAMS:
+            if end + 1 >= n:
+                self.after[tuple(self.tokens[end + 1 - n : end + 1])] = end + 1
+
+    def push(self, token: int) -> None:
+        self.tokens.append(token)
+        self._index(len(self.tokens) - 2)
+
+    def guess(self, most: int) -> list[int]:
+        if most <= 0:
+            return []
+        for n in self.NGRAMS:
+            key = tuple(self.tokens[-n:])
+            at = self.after.get(key)
+            if at is not None:
+                return self.tokens[at : at + most]
+            if self.replies is not None and key in self.replies.after:
+                return self.replies.after[key][:most]
+        return []
 
 
 class _Row:
     """A prompt in a slot: its index, the tokens generated so far, compute seconds spent."""
 
-    def __init__(self, index: int, token: int, seconds: float) -> None:
-        self.index, self.tokens, self.seconds = index, [token], seconds
+    def __init__(self, index: int, lookup: _Lookup | None, token: int, seconds: float) -> None:
+        self.index, self.lookup, self.tokens, self.seconds = index, lookup, [token], seconds
+        if lookup is not None:
+            lookup.push(token)
 
 
 def slot_generate(
@@ -179,16 +289,25 @@ def slot_generate(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    guesses: int = 4,
 ) -> Iterator[tuple[int, list[int], float]]:
     """``(prompt index, new tokens up to and including the first end token, compute seconds
-    attributed to it)`` as each reply ends; prompts enter the slots in the given order."""
+    attributed to it)`` as each reply ends; prompts enter the slots in the given order.
+
+    Greedy decoding checks up to ``guesses`` looked-up next tokens per slot in the same step
+    (kept only while they are what the model itself picks, so replies do not change); a step
+    that feeds several tokens per row reads every weight once for all of them.
+    """
     if not prompts:
         return
     device = model.device
     prefix = shared_prefix(prompts) if len(prompts) > 1 else 0
     prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
+    guesses = guesses if temperature <= 0 else 0
     decoder = SlotDecoder(
-        model, min(slots, len(prompts)), max(len(p) for p in prompts) + max_new_tokens
+        model,
+        min(slots, len(prompts)),
+        max(len(p) for p in prompts) + max_new_tokens + guesses,
     )
     warp = LogitsProcessorList()
     if temperature > 0:  # what ``generate`` applies: our temperature and top-p, the model's top-k
@@ -211,6 +330,7 @@ def slot_generate(
     finished: list[tuple[int, list[int], float]] = []
     live: list[_Row | None] = [None] * decoder.slots
     shared = DynamicCache(config=model.config)
+    replies = _Replies(_Lookup.NGRAMS) if guesses else None
 
     def admit(slot: int) -> None:
         """Prefill the next prompt into ``slot`` (None when the queue is empty)."""
@@ -229,34 +349,72 @@ def slot_generate(
             )
             decoder.load(slot, cache, len(prompt))
             token = choose(out.logits[:, -1, :].float().cpu())[0]
-            row = _Row(index, token, time.perf_counter() - began)
+            row = _Row(
+                index,
+                _Lookup(prompt, replies) if guesses else None,
+                token,
+                time.perf_counter() - began,
+            )
             if not done(row.tokens):
                 live[slot] = row
                 return
             finished.append((row.index, row.tokens, row.seconds))
         live[slot] = None
 
-    with torch.inference_mode():
-        if prefix:
-            model(torch.tensor([prompts[0][:prefix]], device=device), past_key_values=shared)
-        for slot in range(decoder.slots):
-            admit(slot)
-        while True:
-            yield from finished
-            finished.clear()
-            active = [slot for slot, row in enumerate(live) if row is not None]
-            if not active:
-                return
-            if len(active) < len(live):  # the queue is empty: shrink to the rows still going
-                decoder.keep(active)
-                live = [live[slot] for slot in active]
-            rows = [row for row in live if row is not None]
-            began = time.perf_counter()
-            logits = decoder.step([row.tokens[-1] for row in rows])
-            share = (time.perf_counter() - began) / len(rows)
-            for slot, (row, token) in enumerate(zip(rows, choose(logits), strict=True)):
-                row.tokens.append(token)
-                row.seconds += share
-                if done(row.tokens):
-                    finished.append((row.index, row.tokens, row.seconds))
-                    admit(slot)
+    restore = model.config._attn_implementation
+    if guesses and restore == "sdpa":
+        model.set_attn_implementation(ATTENTION)
+    try:
+        with torch.inference_mode():
+            if prefix:
+                model(torch.tensor([prompts[0][:prefix]], device=device), past_key_values=shared)
+            for slot in range(decoder.slots):
+                admit(slot)
+            while True:
+                yield from finished
+                finished.clear()
+                active = [slot for slot, row in enumerate(live) if row is not None]
+                if not active:
+                    return
+                if len(active) < len(live):  # the queue is empty: shrink to the rows still going
+                    decoder.keep(active)
+                    live = [live[slot] for slot in active]
+                rows = [row for row in live if row is not None]
+                drafts = [
+                    row.lookup.guess(min(guesses, max_new_tokens - len(row.tokens) - 1))
+                    if row.lookup is not None
+                    else []
+                    for row in rows
+                ]
+                fed = 1 + max(len(d) for d in drafts)
+                began = time.perf_counter()
+                logits = decoder.step(
+                    [
+                        [row.tokens[-1], *d, *[row.tokens[-1]] * (fed - 1 - len(d))]
+                        for row, d in zip(rows, drafts, strict=True)
+                    ]
+                )
+                picked = [choose(row_logits) for row_logits in logits]
+                kept = []
+                for draft, chosen in zip(drafts, picked, strict=True):
+                    right = 0
+                    while right < len(draft) and draft[right] == chosen[right]:
+                        right += 1
+                    kept.append(right + 1)
+                decoder.advance(kept)
+                share = (time.perf_counter() - began) / len(rows)
+                for slot, (row, chosen, keep) in enumerate(zip(rows, picked, kept, strict=True)):
+                    row.seconds += share
+                    for token in chosen[:keep]:
+                        row.tokens.append(token)
+                        if row.lookup is not None:
+                            row.lookup.push(token)
+                        if done(row.tokens):
+                            finished.append((row.index, row.tokens, row.seconds))
+                            if replies is not None:
+                                replies.add(row.tokens, guesses)
+                            admit(slot)
+                            break
+    finally:
+        if model.config._attn_implementation != restore:
+            model.set_attn_implementation(restore)

@@ -233,3 +233,21 @@ def test_packed_attention_equals_repeated_heads() -> None:
         query, repeat_kv(key, 2), repeat_kv(value, 2), attn_mask=mask, scale=0.3
     ).transpose(1, 2)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_guesses_through_the_models_own_attention(tiny) -> None:
+    """A model on eager attention keeps it; several tokens per row still give the same replies."""
+    model, tokenizer = tiny
+    model.set_attn_implementation("eager")
+    prompts = _prompts(tokenizer)[:4]
+
+    def run(guesses: int) -> dict[int, list[int]]:
+        return {
+            i: t
+            for i, t, _ in slot_generate(
+                model, prompts, max_new_tokens=16, eos_ids={-1}, slots=2, guesses=guesses
+            )
+        }
+
+    assert run(4) == run(0)
+    assert model.config._attn_implementation == "eager"

@@ -362,7 +362,8 @@ def slot_generate(
         live[slot] = None
 
     restore = model.config._attn_implementation
-    if guesses and restore == "sdpa":
+    if guesses and restore == "sdpa" and getattr(model, "_supports_attention_backend", False):
+        # others keep their own attention: several tokens per row are still right, only slower
         model.set_attn_implementation(ATTENTION)
     try:
         with torch.inference_mode():

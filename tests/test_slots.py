@@ -44,15 +44,8 @@ def alone(model, prompt: list[int], max_new_tokens: int, eos: set[int]) -> list[
 
 
 def test_slots_give_each_prompts_own_greedy_reply(tiny) -> None:
-    from persona_align.prompting import persobench_messages, render_chat
-
     model, tokenizer = tiny
-    prompts = [
-        tokenizer(
-            render_chat(tokenizer, persobench_messages(d)), add_special_tokens=False
-        ).input_ids
-        for d in DIALOGUES
-    ]
+    prompts = _prompts(tokenizer)
     assert shared_prefix(prompts) >= MIN_SHARED_PREFIX and len({len(p) for p in prompts}) == len(
         prompts
     )
@@ -136,6 +129,15 @@ def _prompts(tokenizer) -> list[list[int]]:
     ]
 
 
+def _replies(model, prompts, guesses: int, max_new_tokens: int = 16) -> dict[int, list[int]]:
+    return {
+        i: t
+        for i, t, _ in slot_generate(
+            model, prompts, max_new_tokens=max_new_tokens, eos_ids={-1}, slots=3, guesses=guesses
+        )
+    }
+
+
 def _counting_steps(monkeypatch) -> list[int]:
     """Tokens fed per row in each decode step, recorded as the decoder runs."""
     from persona_align.generation import slots
@@ -155,22 +157,11 @@ def test_looked_up_guesses_save_steps_and_change_nothing(tiny, monkeypatch) -> N
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
     fed = _counting_steps(monkeypatch)
-    plain = dict(
-        (i, t)
-        for i, t, _ in slot_generate(
-            model, prompts, max_new_tokens=24, eos_ids={-1}, slots=3, guesses=0
-        )
-    )
+    plain = _replies(model, prompts, guesses=0, max_new_tokens=24)
     plain_steps = len(fed)
     assert set(fed) == {1}
     fed.clear()
-    guessed = dict(
-        (i, t)
-        for i, t, _ in slot_generate(
-            model, prompts, max_new_tokens=24, eos_ids={-1}, slots=3, guesses=4
-        )
-    )
-    assert guessed == plain
+    assert _replies(model, prompts, guesses=4, max_new_tokens=24) == plain
     assert max(fed) > 1 and len(fed) < plain_steps  # guesses were fed, and some were right
     assert model.config._attn_implementation == "sdpa"  # restored after the run
 
@@ -180,21 +171,10 @@ def test_wrong_guesses_are_thrown_away(tiny, monkeypatch) -> None:
 
     model, tokenizer = tiny
     prompts = _prompts(tokenizer)
-    plain = dict(
-        (i, t)
-        for i, t, _ in slot_generate(
-            model, prompts, max_new_tokens=16, eos_ids={-1}, slots=3, guesses=0
-        )
-    )
+    plain = _replies(model, prompts, guesses=0)
     fed = _counting_steps(monkeypatch)
     monkeypatch.setattr(slots._Lookup, "guess", lambda self, most: [7, 8, 9, 10][:most])
-    wrong = dict(
-        (i, t)
-        for i, t, _ in slot_generate(
-            model, prompts, max_new_tokens=16, eos_ids={-1}, slots=3, guesses=4
-        )
-    )
-    assert wrong == plain
+    assert _replies(model, prompts, guesses=4) == plain
     assert max(fed) == 5
 
 
@@ -240,14 +220,5 @@ def test_guesses_through_the_models_own_attention(tiny) -> None:
     model, tokenizer = tiny
     model.set_attn_implementation("eager")
     prompts = _prompts(tokenizer)[:4]
-
-    def run(guesses: int) -> dict[int, list[int]]:
-        return {
-            i: t
-            for i, t, _ in slot_generate(
-                model, prompts, max_new_tokens=16, eos_ids={-1}, slots=2, guesses=guesses
-            )
-        }
-
-    assert run(4) == run(0)
+    assert _replies(model, prompts, guesses=4) == _replies(model, prompts, guesses=0)
     assert model.config._attn_implementation == "eager"

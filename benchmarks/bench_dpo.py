@@ -3,9 +3,10 @@
 Same model (the embedded SmolLM2), same pairs, batch and sequence length, same run. Ours is
 the score-weighted trainer with LoRA and precomputed reference log-probs (the reference pass
 runs once before training and is reported apart), with and without running each pair's
-prompt once for both replies (``share_prompt``, the default); the stock baseline is TRL's
-DPOTrainer fine-tuning every weight against a frozen reference copy. Each configuration runs
-in its own process, so peak RSS is its own.
+prompt once for both replies (``share_prompt``, the default), and the latter again under bf16
+autocast (``precision: bf16``); the stock baseline is TRL's DPOTrainer fine-tuning every
+weight against a frozen reference copy, in fp32. Each configuration runs in its own process,
+so peak RSS is its own.
 
     .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--batch 2] [--pairs 24]
 """
@@ -22,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT = 0.6  # every pair's: our first loss / WEIGHT must equal the stock first loss
-CONFIGS = ("stock-full", "ours-lora-precomputed", "ours-lora-precomputed-shared-prompt")
+CONFIGS = (
+    "stock-full",
+    "ours-lora-precomputed",
+    "ours-lora-precomputed-shared-prompt",
+    "ours-lora-precomputed-shared-prompt-bf16",
+)
 
 
 def make_pairs(count: int) -> list[dict[str, Any]]:
@@ -68,7 +74,7 @@ def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[
 
     common = {"output_dir": str(out / config), "per_device_train_batch_size": batch,
               "max_steps": steps, "learning_rate": 1e-6, "beta": 0.1, "use_cpu": True,
-              "bf16": False, "gradient_checkpointing": False, "report_to": [],
+              "bf16": config.endswith("bf16"), "gradient_checkpointing": False, "report_to": [],
               "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
               "max_length": 1024}  # fmt: skip
     began = time.perf_counter()
@@ -85,7 +91,7 @@ def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[
         trainer = WeightedDPOTrainer(
             model=model,
             args=WeightedDPOConfig(**common, precompute_ref_log_probs=True,
-                                   share_prompt=config.endswith("shared-prompt")),
+                                   share_prompt="shared-prompt" in config),
             processing_class=tokenizer, train_dataset=Dataset.from_list(rows), peft_config=lora,
             callbacks=[Timer()],
         )  # fmt: skip
@@ -131,7 +137,7 @@ def main() -> None:
             sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
         results[config] = json.loads(done.stdout.strip().splitlines()[-1])
     stock = results["stock-full"]
-    print(f"embedded SmolLM2-135M, fp32, batch {args.batch}, {args.steps} steps, "
+    print(f"embedded SmolLM2-135M, fp32 unless named bf16, batch {args.batch}, {args.steps} steps, "
           f"~{stock['tokens_per_sequence']:.0f} tokens per sequence")  # fmt: skip
     print("| trainer | s / optimizer step | set-up s | train() s outside steps "
           "(reference pass) | peak RSS MB |")  # fmt: skip
@@ -149,6 +155,10 @@ def main() -> None:
             f"{name} / stock: step time {step:.2f}x (target <= 0.5x), peak memory "
             f"{memory:.2f}x; step-1 loss / weight {first:.5f} vs stock {stock_first:.5f}"
         )
+    fp32, bf16 = results[CONFIGS[2]], results[CONFIGS[3]]
+    step = bf16["s_per_step"] / fp32["s_per_step"]
+    outside = bf16["outside_steps_s"] / fp32["outside_steps_s"]
+    print(f"bf16 / fp32 (shared prompt): step time {step:.2f}x, reference pass {outside:.2f}x")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,8 @@ def _packed_attention(
     """
     groups = query.shape[1] // key.shape[1]
     tokens = query.shape[2]
-    if attention_mask is None or tokens == 1 or groups == 1:
+    extras = any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux", "sinks"))
+    if attention_mask is None or tokens == 1 or groups == 1 or extras:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, heads, _, dim = query.shape
     out = torch.nn.functional.scaled_dot_product_attention(
@@ -227,11 +228,10 @@ class _Replies:
 
     def add(self, tokens: list[int], most: int) -> None:
         for end in range(len(tokens) - 1):
+            follower = tokens[end + 1 : end + 1 + most]
             for n in self.ngrams:
                 if end + 1 >= n:
-                    self.after[tuple(tokens[end + 1 - n : end + 1])] = tokens[
-                        end + 1 : end + 1 + most
-                    ]
+                    self.after[tuple(tokens[end + 1 - n : end + 1])] = follower
 
 
 class _Lookup:

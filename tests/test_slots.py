@@ -56,12 +56,23 @@ def test_slots_give_each_prompts_own_greedy_reply(tiny) -> None:
     expected = [alone(model, p, 12, eos) for p in prompts]
     assert len({len(e) for e in expected}) >= 3, "replies should end at different steps"
 
-    got = {
-        index: tokens
-        for index, tokens, seconds in slot_generate(
-            model, prompts, max_new_tokens=12, eos_ids=eos, slots=3
-        )
-    }
+    for slots, guesses in [(3, 4), (3, 0), (1, 4), (8, 2)]:
+        got = {
+            index: tokens
+            for index, tokens, seconds in slot_generate(
+                model, prompts, max_new_tokens=12, eos_ids=eos, slots=slots, guesses=guesses
+            )
+        }
+        assert [got[i] for i in range(len(prompts))] == expected, (slots, guesses)
+
+
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
+def test_short_budgets_end_exactly(tiny, max_new_tokens: int) -> None:
+    """Guesses never carry a reply past ``max_new_tokens``."""
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    expected = [alone(model, p, max_new_tokens, {-1}) for p in prompts]
+    got = _replies(model, prompts, guesses=4, max_new_tokens=max_new_tokens)
     assert [got[i] for i in range(len(prompts))] == expected
 
 

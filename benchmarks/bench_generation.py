@@ -3,8 +3,8 @@
 The baseline is how the PersoBench notebooks generate: a text-generation pipeline called once
 per prompt. Both sides use the embedded SmolLM2-135M-Instruct, the same chat-rendered
 PersoBench prompts and greedy decoding with 110 new tokens; tokens are counted the same way
-(re-tokenizing the generated text). A bf16 run of the batched responder is reported
-separately with its agreement with the fp32 outputs.
+(re-tokenizing the generated text). The batched responder also runs without looked-up guesses
+(``guesses=0``, slot decoding alone), and in bf16, reported separately with its agreement.
 
     .venv/bin/python benchmarks/bench_generation.py [--n 64] [--batch-size 8] [--skip-openai]
 """
@@ -52,8 +52,12 @@ def baseline(dialogues, max_new_tokens: int) -> tuple[list[str], float]:
     return outputs, time.perf_counter() - began
 
 
-def batched(dialogues, max_new_tokens: int, batch_size: int, dtype: str) -> tuple[list[str], float]:
-    responder = make_responder("hf", model="embedded", batch_size=batch_size, dtype=dtype)
+def batched(
+    dialogues, max_new_tokens: int, batch_size: int, dtype: str, guesses: int = 4
+) -> tuple[list[str], float]:
+    responder = make_responder(
+        "hf", model="embedded", batch_size=batch_size, dtype=dtype, guesses=guesses
+    )
     responder.prepare()  # model loading is not part of the timed work
     began = time.perf_counter()
     candidates = run_responder(
@@ -80,11 +84,13 @@ def main() -> None:
 
     base_out, base_s = baseline(dialogues, args.max_new_tokens)
     fp32_out, fp32_s = batched(dialogues, args.max_new_tokens, args.batch_size, "float32")
+    plain_out, plain_s = batched(dialogues, args.max_new_tokens, args.batch_size, "float32", 0)
     bf16_out, bf16_s = batched(dialogues, args.max_new_tokens, args.batch_size, "bfloat16")
 
     rows = [
         ("pipeline, one prompt per call (baseline)", base_out, base_s),
         (f"hf responder, batch {args.batch_size}, fp32", fp32_out, fp32_s),
+        (f"hf responder, batch {args.batch_size}, fp32, no guesses", plain_out, plain_s),
         (f"hf responder, batch {args.batch_size}, bf16", bf16_out, bf16_s),
     ]
     base_tps = count_tokens(tokenizer, base_out) / base_s

@@ -106,7 +106,10 @@ def test_hf_batched_equals_one_by_one(tiny_llama_dir: Path) -> None:
     batched = run_responder(
         DIALOGUES, make_responder("hf", model=str(tiny_llama_dir), batch_size=4), params
     )
-    assert [c.raw for c in single] == [c.raw for c in batched]
+    unguessed = make_responder("hf", model=str(tiny_llama_dir), batch_size=4, guesses=0)
+    assert unguessed.settings() == make_responder("hf", model=str(tiny_llama_dir)).settings()
+    plain = run_responder(DIALOGUES, unguessed, params)
+    assert [c.raw for c in single] == [c.raw for c in batched] == [c.raw for c in plain]
     assert all(c.raw for c in single)
     assert all(c.latency_s is not None and c.latency_s > 0 for c in batched)
     assert {c.responder for c in batched} == {tiny_llama_dir.name}
@@ -115,6 +118,8 @@ def test_hf_batched_equals_one_by_one(tiny_llama_dir: Path) -> None:
 def test_hf_rejects_bad_settings(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="dtype"):
         make_responder("hf", model="embedded", dtype="int3")
+    with pytest.raises(InputError, match="guesses"):
+        make_responder("hf", model="embedded", guesses=-1)
     with pytest.raises(InputError, match="neither a directory nor a hub id"):
         make_responder("hf", model=str(tmp_path / "missing" / "model"))
     with pytest.raises(InputError, match="unknown responder 'nope'"):

@@ -37,11 +37,14 @@ class HFResponder(Responder):
         dtype: str = "float32",
         batch_size: int = 8,
         name: str | None = None,
+        guesses: int = 4,
     ) -> None:
         if dtype not in DTYPES:
             raise InputError(None, f"hf dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         if batch_size < 1:
             raise InputError(None, f"hf batch_size must be at least 1, got {batch_size}")
+        if not isinstance(guesses, int) or guesses < 0:
+            raise InputError(None, f"hf guesses must be an integer 0 or more, got {guesses!r}")
         resolved = resolve(model)  # fails now, with one line, for an unknown model
         super().__init__(
             name
@@ -50,6 +53,7 @@ class HFResponder(Responder):
         self.model_name = model
         self.dtype = dtype
         self.batch_size = batch_size
+        self.guesses = guesses  # not in settings(): guesses change the speed, never the replies
         self._model: Any = None
         self._tokenizer: Any = None
 
@@ -73,7 +77,7 @@ class HFResponder(Responder):
         self.prepare()
         prompts = [r.messages for r in requests]
         for index, result in iter_generate(
-            self._model, self._tokenizer, prompts, params, self.batch_size
+            self._model, self._tokenizer, prompts, params, self.batch_size, self.guesses
         ):
             on_result(requests[index], result)
 
@@ -84,9 +88,11 @@ def iter_generate(
     prompts: Sequence[Sequence[Message]],
     params: GenerationParams,
     batch_size: int = 8,
+    guesses: int = 4,
 ) -> Iterator[tuple[int, Result]]:
     """``(prompt index, raw completion)`` as each reply finishes, through the model's chat
-    template, cut at the first end-of-turn token (slot decoding where ``slots.supported``).
+    template, cut at the first end-of-turn token (slot decoding where ``slots.supported``,
+    checking up to ``guesses`` looked-up tokens per slot and step when greedy).
 
     A tokenizer without a pad token gets its EOS token as one.
     """
@@ -123,6 +129,7 @@ def iter_generate(
             temperature=params.temperature,
             top_p=params.top_p,
             seed=params.seed,
+            guesses=guesses,
         ):
             yield order[position], result(order[position], tokens, seconds)
         return

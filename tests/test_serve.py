@@ -487,3 +487,37 @@ def test_select_then_generate_policy_behind_the_server(engine: Engine) -> None:
         status, payload, _ = call(server, "POST", "/v1/chat/completions",
                                   chat_body(messages=[{"role": "user", "content": "hi"}]))  # fmt: skip
         assert status == 400 and "persona" in assert_error(payload)
+
+
+def test_greedy_replies_go_through_a_slot_and_equal_generate(
+    lively_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from persona_align.generation import slots
+    from persona_align.prompting import render_chat
+
+    engine = load_engine(str(lively_llama_dir))
+    messages = [Message(role="user", content="Tell me about your bees and the sea, please.")]
+    calls: list[int] = []
+    original = slots.slot_generate
+    monkeypatch.setattr(
+        slots, "slot_generate", lambda *a, **k: calls.append(1) or original(*a, **k)
+    )
+    got = engine.generate(messages, ReplyParams(max_tokens=24))
+    assert calls == [1]
+
+    tokenizer = engine.tokenizer
+    enc = tokenizer(
+        [render_chat(tokenizer, messages)], return_tensors="pt", add_special_tokens=False
+    )
+    with torch.inference_mode():
+        out = engine.model.generate(
+            **enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    tokens = out[0, enc["input_ids"].shape[1] :].tolist()
+    assert got.completion_tokens == len(tokens)
+    assert got.raw == tokenizer.decode(tokens, skip_special_tokens=True)
+
+    engine.generate(messages, ReplyParams(max_tokens=8, temperature=0.8, seed=1))
+    assert calls == [1]  # sampling stays with model.generate

@@ -147,8 +147,7 @@ class Engine:
     tokens added, cut after the first end-of-sequence token), so a served model answers a
     PersoBench prompt exactly as ``generate`` would. Greedy requests go through one decoding
     slot, which checks looked-up guesses (``generation.slots``; 1.3x ``model.generate`` on
-    SmolLM2 here, same replies);
-    sampled ones through ``model.generate``.
+    SmolLM2 here, same replies); sampled ones through ``model.generate``.
     """
 
     def __init__(self, model: Any, tokenizer: Any, name: str) -> None:

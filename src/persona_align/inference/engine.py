@@ -19,7 +19,6 @@ from typing import Any, ClassVar, Literal
 
 from persona_align.data.text import split_sentences
 from persona_align.errors import InputError
-from persona_align.generation import slots
 from persona_align.models import DTYPES, load_causal_lm
 from persona_align.prompting import (
     DEFAULT_WORD_LIMIT,
@@ -166,6 +165,8 @@ class Engine:
     def generate(self, messages: Sequence[Message], params: ReplyParams) -> Generation:
         """Answer one chat; ReplyError (code context_length_exceeded) when it cannot fit."""
         import torch
+
+        from persona_align.generation import slots
 
         text = render_chat(self.tokenizer, messages)
         enc = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)

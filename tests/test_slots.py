@@ -197,7 +197,7 @@ def test_lookup_copies_what_followed_the_latest_match() -> None:
     lookup.push(3)
     assert lookup.guess(3) == [5, 6, 2]  # "2 3" last came before 5 6, the latest match wins
     assert lookup.guess(0) == []
-    replies = _Replies(_Lookup.NGRAMS)
+    replies = _Replies()
     replies.add([40, 41, 42, 43], most=4)
     other = _Lookup([50, 51], replies)
     other.push(40)

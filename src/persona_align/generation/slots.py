@@ -47,6 +47,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from persona_align.prompting import MIN_SHARED_PREFIX, shared_prefix
 
 ATTENTION = "persona_align_slots"
+NGRAMS = (3, 2, 1)  # n-gram lengths a guess is looked up by, longest first
 
 # generation-config fields whose non-default values add logits processors we do not replicate
 _UNSUPPORTED = {
@@ -218,28 +219,28 @@ class SlotDecoder:
         self.rows.fed = 1
 
 
+def _ngrams_ending_at(tokens: Sequence[int], end: int) -> Iterator[tuple[int, ...]]:
+    return (tuple(tokens[end + 1 - n : end + 1]) for n in NGRAMS if end + 1 >= n)
+
+
 class _Replies:
     """What followed each n-gram in the replies generated so far, over all prompts: replies to
     different dialogues share their JSON frame and many turns of phrase."""
 
-    def __init__(self, ngrams: tuple[int, ...]) -> None:
-        self.ngrams = ngrams
+    def __init__(self) -> None:
         self.after: dict[tuple[int, ...], list[int]] = {}
 
     def add(self, tokens: list[int], most: int) -> None:
         for end in range(len(tokens) - 1):
             follower = tokens[end + 1 : end + 1 + most]
-            for n in self.ngrams:
-                if end + 1 >= n:
-                    self.after[tuple(tokens[end + 1 - n : end + 1])] = follower
+            for key in _ngrams_ending_at(tokens, end):
+                self.after[key] = follower
 
 
 class _Lookup:
     """Guesses how a reply goes on by finding its last few tokens earlier in the prompt or the
     reply and copying what followed (prompt-lookup decoding): persona replies reuse phrases of
     the persona and the dialogue, and their own JSON frame."""
-
-    NGRAMS = (3, 2, 1)
 
     def __init__(self, prompt: Sequence[int], replies: _Replies | None = None) -> None:
         self.tokens = list(prompt)
@@ -249,9 +250,8 @@ class _Lookup:
             self._index(end)
 
     def _index(self, end: int) -> None:
-        for n in self.NGRAMS:
-            if end + 1 >= n:
-                self.after[tuple(self.tokens[end + 1 - n : end + 1])] = end + 1
+        for key in _ngrams_ending_at(self.tokens, end):
+            self.after[key] = end + 1
 
     def push(self, token: int) -> None:
         self.tokens.append(token)
@@ -260,7 +260,7 @@ class _Lookup:
     def guess(self, most: int) -> list[int]:
         if most <= 0:
             return []
-        for n in self.NGRAMS:
+        for n in NGRAMS:
             key = tuple(self.tokens[-n:])
             at = self.after.get(key)
             if at is not None:
@@ -330,7 +330,7 @@ def slot_generate(
     finished: list[tuple[int, list[int], float]] = []
     live: list[_Row | None] = [None] * decoder.slots
     shared = DynamicCache(config=model.config)
-    replies = _Replies(_Lookup.NGRAMS) if guesses else None
+    replies = _Replies() if guesses else None
 
     def admit(slot: int) -> None:
         """Prefill the next prompt into ``slot`` (None when the queue is empty)."""
@@ -395,7 +395,8 @@ def slot_generate(
                         for row, d in zip(rows, drafts, strict=True)
                     ]
                 )
-                picked = [choose(row_logits) for row_logits in logits]
+                flat = choose(logits.flatten(0, 1))  # one call for every row and fed token
+                picked = [flat[row * fed : (row + 1) * fed] for row in range(len(rows))]
                 kept = []
                 for draft, chosen in zip(drafts, picked, strict=True):
                     right = 0

@@ -23,23 +23,12 @@ from scipy.stats import spearmanr
 from persona_align.data import read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.metrics import make_metric, parse_metric_options
+from persona_align.metrics.judges import cohen_kappa
 from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream
 from persona_align.models import cache_dir
 
 POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "persodpo-focus"
 THEIRS = {"c": "C Score", "ue": "UE Score", "p": "Persona Distance"}
-
-
-def cohen_kappa(a: list[int], b: list[int]) -> float:
-    labels = sorted(set(a) | set(b))
-    index = {label: i for i, label in enumerate(labels)}
-    table = np.zeros((len(labels), len(labels)))
-    for x, y in zip(a, b, strict=True):
-        table[index[x], index[y]] += 1
-    total = table.sum()
-    observed = np.trace(table) / total
-    expected = float((table.sum(0) * table.sum(1)).sum()) / total**2
-    return (observed - expected) / (1 - expected) if expected < 1 else 1.0
 
 
 def main() -> None:

@@ -83,14 +83,19 @@ def per_pair_predict(nli: NLIModel):
 
 def run(items, name: str, options: dict, model: str, dtype: str, baseline: bool, batch: int):
     """(values, labels, pairs asked, seconds) for one metric on one side."""
+    if name == "ue":  # PersoBench's UE: NLI for the persona gate too
+        options = options | {"persona_model": model}
     metric = make_metric(name, model=model, dtype=dtype, batch_size=batch, **options)
     # a model of its own: the process-wide shared one would carry results (its memo) and the
     # recorder of the previous run into this one
-    metric.nli = NLIModel(model, dtype=dtype, batch_size=batch)
+    nli = NLIModel(model, dtype=dtype, batch_size=batch)
+    metric.gate.model = nli
+    if name == "ue":
+        metric.nli = nli
     metric.load()
-    predict = per_pair_predict(metric.nli) if baseline else metric.nli.predict
+    predict = per_pair_predict(nli) if baseline else nli.predict
     recorder = Recorder(predict)
-    metric.nli.predict = recorder
+    nli.predict = recorder
     began = time.perf_counter()
     values = persobench_ue(items, recorder) if baseline and name == "ue" else metric.score(items)
     return values, recorder.labels, recorder.pairs, time.perf_counter() - began

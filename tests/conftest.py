@@ -42,6 +42,50 @@ def smollm2_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    """The embedded all-MiniLM-L6-v2 tokenizer (WordPiece), for tiny BERT models."""
+    from transformers import AutoTokenizer
+
+    from persona_align.models import resolve
+
+    return AutoTokenizer.from_pretrained(resolve("embedded-minilm").location)
+
+
+@pytest.fixture(scope="session")
+def make_classifier(minilm_tokenizer):
+    """``make(folder, id2label, winner=None, judge=None)``: a random 2-layer BERT pair
+    classifier saved to ``folder``; with ``winner`` its bias makes that output always win;
+    ``judge`` is written as the folder's judge.json."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def make(
+        folder: Path, id2label: dict[int, str], winner: int | None = None,
+        judge: dict | None = None,
+    ) -> Path:  # fmt: skip
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=len(minilm_tokenizer), hidden_size=32, intermediate_size=64,
+            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=512,
+            num_labels=len(id2label), id2label=id2label,
+            label2id={v: k for k, v in id2label.items()},
+        )  # fmt: skip
+        model = BertForSequenceClassification(config)
+        if winner is not None:
+            with torch.no_grad():
+                model.classifier.weight.zero_()
+                model.classifier.bias.zero_()
+                model.classifier.bias[winner] = 5.0
+        model.save_pretrained(folder)
+        minilm_tokenizer.save_pretrained(folder)
+        if judge is not None:
+            (folder / "judge.json").write_text(json.dumps(judge))
+        return folder
+
+    return make
+
+
 def _tiny_llama(folder: Path, tokenizer_dir: Path, **config: object) -> Path:
     """Save a 2-layer random Llama with the SmolLM2 tokenizer to ``folder``."""
     import torch

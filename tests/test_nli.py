@@ -184,58 +184,25 @@ def test_label_names_are_normalised() -> None:
 
 
 @pytest.fixture(scope="module")
-def minilm_tokenizer(tmp_path_factory: pytest.TempPathFactory):
-    from transformers import AutoTokenizer
-
-    from persona_align.models import resolve
-
-    return AutoTokenizer.from_pretrained(resolve("embedded-minilm").location)
-
-
-def tiny_bert(folder: Path, tokenizer, id2label: dict[int, str], winner: int | None = None) -> Path:
-    """A random 2-layer BERT classifier; with ``winner`` its bias makes that output always win."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=512, num_labels=3, id2label=id2label,
-        label2id={v: k for k, v in id2label.items()},
-    )  # fmt: skip
-    model = BertForSequenceClassification(config)
-    if winner is not None:
-        with torch.no_grad():
-            model.classifier.weight.zero_()
-            model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 0.0]))
-            model.classifier.bias[winner] = 5.0
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_nli(tmp_path_factory: pytest.TempPathFactory, minilm_tokenizer) -> Path:
+def tiny_nli(tmp_path_factory: pytest.TempPathFactory, make_classifier) -> Path:
     folder = tmp_path_factory.mktemp("tiny-nli")
-    return tiny_bert(folder, minilm_tokenizer, {0: "entailment", 1: "neutral", 2: "contradiction"})
+    return make_classifier(folder, {0: "entailment", 1: "neutral", 2: "contradiction"})
 
 
-def test_label_order_comes_from_id2label(tmp_path: Path, minilm_tokenizer) -> None:
+def test_label_order_comes_from_id2label(tmp_path: Path, make_classifier) -> None:
     pairs = [("i have a dog .", "i have a cat ."), ("a", "b")]
-    upper = tiny_bert(
-        tmp_path / "a", minilm_tokenizer, {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 2
-    )
+    upper = make_classifier(tmp_path / "a", {0: "ENTAILMENT", 1: "NEUTRAL", 2: "CONTRADICTION"}, 2)
     assert NLIModel(str(upper)).predict(pairs) == ["contradiction"] * 2
     other = {0: "contradiction", 1: "entailment", 2: "neutral"}
-    shuffled = NLIModel(str(tiny_bert(tmp_path / "b", minilm_tokenizer, other, 2)))
+    shuffled = NLIModel(str(make_classifier(tmp_path / "b", other, 2)))
     assert shuffled.predict(pairs) == ["neutral"] * 2
     probabilities = shuffled.probabilities(pairs)
     assert probabilities.shape == (2, 3) and probabilities[0].argmax() == 1  # LABELS order
-    first = NLIModel(str(tiny_bert(tmp_path / "c", minilm_tokenizer, other, 0)))
+    first = NLIModel(str(make_classifier(tmp_path / "c", other, 0)))
     assert first.predict(pairs) == ["contradiction"] * 2
     generic = {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}
     with pytest.raises(Unavailable, match="label order cannot be known"):
-        NLIModel(str(tiny_bert(tmp_path / "d", minilm_tokenizer, generic))).load()
+        NLIModel(str(make_classifier(tmp_path / "d", generic))).load()
 
 
 def test_identical_pairs_run_once_in_length_sorted_batches(tiny_nli: Path) -> None:

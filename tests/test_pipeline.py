@@ -139,7 +139,7 @@ def test_a_crash_keeps_completed_stages(
         ({"pairs": None}, "train"),
         ({"score": None}, "pairs"),
         ({"data.train": "missing.jsonl"}, "missing.jsonl"),
-        ({"pairs.weights": {"coh-smollm2": 1.0}}, "pairs.weights"),
+        ({"pairs.weights": {"coh": 1.0}}, "pairs.weights"),
         ({"train": None}, "evaluate.trained"),
         ({"generate.responders": [{"kind": "nope"}]}, "nope"),
         ({"stage9": {}}, "stage9"),

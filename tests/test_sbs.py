@@ -274,15 +274,6 @@ def test_config_rejects_unknown_keys_and_names() -> None:
 # --- fillers on real (tiny or embedded) models ----------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def minilm_tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    from persona_align.models import resolve
-
-    return AutoTokenizer.from_pretrained(resolve("embedded-minilm").location)
-
-
 def _save_biased(
     model: Any, tokenizer: Any, bias: Any, folder: Path, favourites: list[str]
 ) -> None:

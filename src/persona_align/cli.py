@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from persona_align.commands_judge import judge_app, train_judge_command
 from persona_align.commands_methods import train_pal_command, train_sbs_command
 from persona_align.commands_nli import nli_app, train_nli_command
 from persona_align.commands_train import train_dpo_command, train_sft_command
@@ -38,17 +39,21 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 train_app = typer.Typer(
-    help="Train models: score-weighted DPO, SFT, and the NLI cross-encoder behind C and UE.",
+    help="Train models: score-weighted DPO, SFT, PAL, SBS, our judges and the NLI model.",
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
 train_app.command("nli")(train_nli_command)
+train_app.command("judge")(train_judge_command)
 train_app.command("dpo")(train_dpo_command)
 train_app.command("sft")(train_sft_command)
 train_app.command("pal")(train_pal_command)
 train_app.command("sbs")(train_sbs_command)
 app.add_typer(
     nli_app, name="nli", help="The NLI model behind C and UE: accuracy on labelled pairs."
+)
+app.add_typer(
+    judge_app, name="judge", help="Our judges (C, coherence): agreement with readers' labels."
 )
 
 console = Console()

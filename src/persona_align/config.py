@@ -183,9 +183,7 @@ class DataSection(_Section):
 
 
 class ScoreSection(_Section):
-    metrics: list[str] = Field(
-        default_factory=lambda: ["coh-smollm2", "c", "ue", "p", "lfc"], min_length=1
-    )
+    metrics: list[str] = Field(default_factory=lambda: ["coh", "c", "ue", "p", "lfc"], min_length=1)
     options: dict[str, dict[str, Any]] = Field(default_factory=dict)
     use_cache: bool = True
 

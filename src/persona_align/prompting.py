@@ -17,6 +17,9 @@ from persona_align.records import Dialogue, Message, Turn
 Variant = Literal["vanilla", "cot"]
 VARIANTS: tuple[str, ...] = ("vanilla", "cot")
 DEFAULT_WORD_LIMIT = 110
+# PersoBench's heading (FoCus, the listener's persona) kept word for word; a persona that is
+# the responder's own says so, or a model would describe its own traits as the user's.
+PERSONA_HEADINGS = {"user": "Participant Personas:", "self": "Your Persona (you are this person):"}
 
 
 def format_persona(persona: Sequence[str]) -> str:
@@ -44,7 +47,7 @@ def persobench_prompt(
         "As a participant in this conversation, your task is to generate a personalized "
         "response, considering the conversation context and personas.",
         "",
-        "Participant Personas:",
+        PERSONA_HEADINGS[dialogue.persona_role],
         format_persona(dialogue.persona),
         "",
         "Conversation Context:",

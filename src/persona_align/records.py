@@ -53,16 +53,24 @@ class Turn(_Record):
     text: Text
 
 
+PersonaRole = Literal["user", "self"]
+PERSONA_ROLES: tuple[str, ...] = ("user", "self")
+
+
 class Dialogue(_Record):
     """A persona-grounded dialogue up to the turn a model must answer.
 
-    ``persona`` holds the sentences the reply should be consistent with; ``reference`` is the
-    gold next turn when the dataset has one. ``persona_grounding`` (FoCus, DuLeMon) marks which
-    persona sentences the gold turn uses; PAL's persona-selection task trains on it.
+    ``persona`` holds the sentences the reply should be consistent with; ``persona_role`` says
+    whose they are: ``user``, the person the model talks to (FoCus), or ``self``, the model's
+    own (PERSONA-CHAT, ConvAI2, Blended Skill Talk, DuLeMon). Absent means ``user``, so files
+    written before the field existed keep their meaning. ``reference`` is the gold next turn
+    when the dataset has one. ``persona_grounding`` (FoCus, DuLeMon) marks which persona
+    sentences the gold turn uses; PAL's persona-selection task trains on it.
     """
 
     id: NonEmptyStr
     persona: list[Text] = Field(min_length=1)
+    persona_role: PersonaRole = "user"
     context: list[Turn] = Field(min_length=1)
     reference: str | None = None
     knowledge: list[str] | None = None
@@ -138,6 +146,24 @@ class SFTExample(_Record):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+class JudgeItem(BaseModel):
+    """A reply labelled by a careful reader: the format of the persona-consistency dev set.
+
+    ``label`` is 1 (uses the persona consistently), 0 (neutral) or -1 (contradicts it) for
+    the C judge, 1 (coherent) or 0 for the coherence judge. ``persona`` is the sentences glued
+    together as the datasets write them, or a list; ``context`` is ``User1: ...`` lines. Other
+    keys (ids, provenance, notes) are kept but not checked.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    persona: Text | list[Text]
+    persona_role: PersonaRole = "user"
+    context: str
+    reply: Text
+    label: Literal[-1, 0, 1]
+
+
 Record = TypeVar("Record", bound=BaseModel)
 
 RECORD_TYPES: dict[str, type[BaseModel]] = {
@@ -153,6 +179,8 @@ def _field_of(err: ValidationError) -> tuple[str | None, str]:
     first = err.errors()[0]
     loc = ".".join(str(part) for part in first["loc"]) or None
     msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "literal_error":  # name the value given, beside the allowed ones
+        msg += f", got {first['input']!r}"
     more = len(err.errors()) - 1
     if more:
         msg += f" (and {more} more error{'s' if more > 1 else ''})"

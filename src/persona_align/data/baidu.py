@@ -118,6 +118,7 @@ def read_baidu(path: Path) -> list[Dialogue]:
                 Dialogue(
                     id=f"{path.stem}-{lineno:05d}-{i:02d}",
                     persona=[t for _, t in persona],
+                    persona_role="self",
                     context=context,
                     reference=text,
                     source=f"baidu-personachat:{path.name}",

@@ -94,6 +94,7 @@ def read_focus(path: Path) -> list[Dialogue]:
                 Dialogue(
                     id=f"{dialog_id}-{j + 1}",
                     persona=[s for s, _ in pairs],
+                    persona_role="user",
                     context=context,
                     reference=reply,
                     knowledge=knowledge,

@@ -8,7 +8,7 @@ from pathlib import Path
 from persona_align.data import register_reader
 from persona_align.data.text import read_csv_rows, split_sentences
 from persona_align.errors import InputError
-from persona_align.records import Dialogue, Turn
+from persona_align.records import PERSONA_ROLES, Dialogue, Turn
 
 _SPEAKER = re.compile(r"^\s*(User\s?\d+|Persona\s?\d+|Speaker\s?\d+)\s*:\s?", re.IGNORECASE)
 
@@ -44,8 +44,16 @@ def strip_speaker(text: str) -> str:
 @register_reader(
     "persobench-csv",
     "PersoBench/PersoDPO prompt CSV (personas, context, optional act_response)",
+    options=("persona_role",),
 )
-def read_persobench_csv(path: Path) -> list[Dialogue]:
+def read_persobench_csv(path: Path, persona_role: str = "user") -> list[Dialogue]:
+    """``persona_role``: ``user`` (FoCus: the persona is the listener's, the default) or
+    ``self`` (the responder's own persona)."""
+    if persona_role not in PERSONA_ROLES:
+        raise InputError(
+            None,
+            f"persona_role {persona_role!r} is not one of {', '.join(PERSONA_ROLES)}",
+        )
     dialogues = []
     for index, (where, row) in enumerate(read_csv_rows(path, ("personas", "context"))):
         persona = split_sentences(row["personas"])
@@ -59,6 +67,7 @@ def read_persobench_csv(path: Path) -> list[Dialogue]:
             Dialogue(
                 id=f"{path.stem}-{index:05d}",
                 persona=persona,
+                persona_role=persona_role,
                 context=context,
                 reference=reference,
                 source=f"persobench-csv:{path.name}",

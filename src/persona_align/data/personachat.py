@@ -82,6 +82,7 @@ def read_personachat(path: Path, keep_candidates: str | bool = False) -> list[Di
                 Dialogue(
                     id=f"{path.stem}-{episode:05d}-{number:02d}",
                     persona=list(persona),
+                    persona_role="self",
                     context=list(history),
                     reference=reply,
                     source=f"personachat:{path.name}",

@@ -18,6 +18,7 @@ import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -69,6 +70,7 @@ class FakeOpenAIServer(BackgroundServer):
     is not JSON) and ``drop`` (the connection closes with no reply). ``faulty_attempts``
     limits faults to the first attempts of each prompt (1: only the first attempt can fail).
     With ``expected_key`` set, requests without ``Authorization: Bearer <key>`` get 401.
+    ``answer(last user message)`` is the assistant's content (default ``expected_content``).
     """
 
     thread_name = "fake-openai"
@@ -83,6 +85,7 @@ class FakeOpenAIServer(BackgroundServer):
         slow_s: float = 5.0,
         retry_after: float | None = 0.0,
         faulty_attempts: int | None = None,
+        answer: Callable[[str], str] = expected_content,
     ) -> None:
         faults = dict(faults or {})
         unknown = sorted(set(faults) - set(FAULT_KINDS))
@@ -97,6 +100,7 @@ class FakeOpenAIServer(BackgroundServer):
         self.slow_s = slow_s
         self.retry_after = retry_after
         self.faulty_attempts = faulty_attempts
+        self.answer = answer
         super().__init__()
         self._lock = threading.Lock()  # the counters are written on the loop, read anywhere
         self._calls = 0
@@ -178,7 +182,8 @@ class FakeOpenAIServer(BackgroundServer):
         await self._pause(self.slow_s if fault == "slow" else self.latency_s)
         if fault == "malformed":
             return _Reply(200, b'{"id": "chatcmpl-broken", "choices": [')
-        return _Reply(200, _completion(text, attempt, payload.get("model", MODEL_ID)))
+        content = self.answer(text)
+        return _Reply(200, _completion(text, content, attempt, payload.get("model", MODEL_ID)))
 
     def _unauthorized(self, headers: dict[str, str]) -> _Reply | None:
         expected = self.expected_key
@@ -199,7 +204,7 @@ class FakeOpenAIServer(BackgroundServer):
             return attempt
 
 
-def _completion(text: str, attempt: int, model: Any) -> dict[str, Any]:
+def _completion(text: str, content: str, attempt: int, model: Any) -> dict[str, Any]:
     prompt_tokens = len(text.split())
     return {
         "id": f"chatcmpl-{attempt}-{content_hash(text)[:12]}",
@@ -209,7 +214,7 @@ def _completion(text: str, attempt: int, model: Any) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": expected_content(text)},
+                "message": {"role": "assistant", "content": content},
                 "finish_reason": "stop",
                 "logprobs": None,
             }

@@ -1,6 +1,7 @@
-"""Coherence of a reply with the dialogue history: UniEval's T5 evaluator and a chat-LLM judge.
+"""Coherence of a reply with the dialogue history: our embedded judge (``coh``, the default),
+UniEval's T5 evaluator and a chat-LLM judge.
 
-Both ask "Is this a coherent response given the dialogue history?" and score
+The last two ask "Is this a coherent response given the dialogue history?" and score
 p(Yes) / (p(Yes) + p(No)) at the first answer token, computed as sigmoid(logit_Yes - logit_No)
 (the softmax normaliser cancels, and no probability underflows). Items are length-sorted into
 padded batches with attention masks and written back in input order, so a value never depends
@@ -11,12 +12,15 @@ the 8th item of a batch.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
+from persona_align.metrics.coherence_judge import CoherenceJudge, coherence_input
 from persona_align.metrics.loading import first_line, pretrained_source
-from persona_align.models import DTYPES, load_causal_lm, model_version
+from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, content_version, embedded_dir
+from persona_align.models import DTYPES, load_causal_lm, model_version, resolve
 from persona_align.prompting import (
     MIN_SHARED_PREFIX,
     format_context,
@@ -26,6 +30,7 @@ from persona_align.prompting import (
 from persona_align.records import Message, Turn
 
 UNIEVAL_DIALOG = "MingZhong/unieval-dialog"
+EMBEDDED_COH_JUDGE = "embedded-coh-judge"
 UNIEVAL_QUESTION = "question: Is this a coherent response given the dialogue history?"
 JUDGE_PROMPT = (
     "Dialogue history:\n{history}\n\n"
@@ -336,3 +341,60 @@ class CohLLMJudge(Metric):
 
 
 # Below this many shared tokens, a separate prefix pass costs more than it saves.
+
+
+@register_metric("coh")
+class CohJudge(Metric):
+    """Coherence from our embedded judge (default ``embedded-coh-judge``): p(coherent) of the
+    reply given the turn it answers, the history, the responder's previous turn and the persona
+    (``metrics/coherence_judge.py``). Trained offline as UniEval was, on real next turns against
+    pseudo-negatives; checked against careful readers' labels.
+    """
+
+    description = "coherence judge: p(the reply is a coherent next turn of the dialogue)"
+    failure_value = 0.0
+
+    def __init__(self, model: str = EMBEDDED_COH_JUDGE, batch_size: int = 64) -> None:
+        super().__init__()
+        _check_batch_size(self.name, batch_size)
+        self.model_name = model
+        self.batch_size = batch_size
+        self.judge: CoherenceJudge | None = None
+        self._version: str | None = None
+
+    @property
+    def model(self) -> str:
+        return self.model_name
+
+    def settings(self) -> dict[str, Any]:
+        spec = self.judge.spec if self.judge is not None else {}
+        return {"name": self.name, "model": self.model_name, "version": self._version,
+                "spec": spec}  # fmt: skip
+
+    def load(self) -> None:
+        if self.judge is not None:
+            return
+        folder = judge_folder(self.model_name)
+        judge = CoherenceJudge(folder, batch_size=self.batch_size)
+        judge.load()
+        self.judge, self._version = judge, content_version(folder)
+
+    def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
+        self.load()
+        assert self.judge is not None
+        inputs = [coherence_input(i.dialogue.context, i.response, i.dialogue.persona)
+                  for i in items]  # fmt: skip
+        return [float(p) for p in self.judge.probabilities(inputs)]
+
+
+def judge_folder(name: str) -> Path:
+    """A judge's folder: a shipped one by name, or a local directory."""
+    if name in EMBEDDED_CLASSIFIERS:
+        return embedded_dir(name)
+    try:
+        resolved = resolve(name)
+    except InputError as err:
+        raise Unavailable(err.message) from None
+    if resolved.kind != "local":
+        raise Unavailable(f"{name!r}: a coherence judge is a local folder or a shipped name")
+    return Path(resolved.location)

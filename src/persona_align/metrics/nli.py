@@ -10,6 +10,7 @@ order, and a wrong guess turns every contradiction into an entailment without an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import warnings
 from collections import OrderedDict
@@ -27,13 +28,24 @@ from persona_align.metrics.base import Unavailable
 from persona_align.models import resolve
 
 EMBEDDED_NLI = "embedded-nli"
+# Pair classifiers shipped inside the package: name → folder under persona_align/assets.
+EMBEDDED_CLASSIFIERS = {
+    EMBEDDED_NLI: "nli-minilm",
+    "embedded-c-judge": "judge-c",
+    "embedded-coh-judge": "judge-coh",
+}
 NLI_DTYPES = ("float32", "bfloat16")
 Pair = tuple[str, str]
 
 
+def embedded_dir(name: str = EMBEDDED_NLI) -> Path:
+    """The adapter folder of a shipped classifier."""
+    return Path(str(resources.files("persona_align") / "assets" / EMBEDDED_CLASSIFIERS[name]))
+
+
 def embedded_nli_dir() -> Path:
-    """The adapter folder shipped inside the package."""
-    return Path(str(resources.files("persona_align") / "assets" / "nli-minilm"))
+    """The NLI adapter folder shipped inside the package."""
+    return embedded_dir(EMBEDDED_NLI)
 
 
 def label_order(id2label: dict[Any, Any]) -> list[int]:
@@ -75,9 +87,9 @@ def quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-# Results kept per loaded model; a pair is three floats, so this holds a few MB.
+# Results kept per loaded model; a pair is a few floats, so this holds a few MB.
 MEMO_SIZE = 100_000
-_SHARED: dict[tuple[str, str, int], NLIModel] = {}
+_SHARED: dict[tuple[str, str, int], PairClassifier] = {}
 
 
 def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int = 64) -> NLIModel:
@@ -86,25 +98,42 @@ def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int
     key = (name, dtype, batch_size)
     if key not in _SHARED:
         _SHARED[key] = NLIModel(name, dtype=dtype, batch_size=batch_size)
-    return _SHARED[key]
+    found = _SHARED[key]
+    assert isinstance(found, NLIModel)
+    return found
 
 
-class NLIModel:
-    """Batched 3-way NLI: ``predict([(premise, hypothesis), ...])`` → labels.
+def _device() -> str:
+    import torch
 
-    Identical pairs are scored once (persona sentences repeat across the candidates of a
-    dialogue), and the unique pairs run in batches of similar length so little is padding.
-    ``dtype="bfloat16"`` casts the weights: faster only where bf16 matmuls are native (AMX,
-    AVX512-BF16, GPUs); on an AVX2-only CPU it is several times slower than float32.
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def content_version(folder: Path) -> str:
+    """A hash of a model folder's weight and config files' bytes: part of every score cache key,
+    so retraining a judge into the same folder never reuses its old scores."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        if file.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
+            digest.update(str(file.relative_to(folder)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class PairClassifier:
+    """A batched sequence-pair classifier: ``probabilities([(a, b), ...])`` → one row per pair.
+
+    Identical pairs are scored once (persona sentences and personas repeat across the
+    candidates of a dialogue), and the unique pairs run in batches of similar length so little
+    is padding. Columns follow ``labels`` (the model's own ``config.id2label`` order unless a
+    subclass fixes another). A ``judge.json`` beside the weights (our judges) describes how
+    inputs are formatted; ``spec`` holds it. ``dtype="bfloat16"`` casts the weights: faster only
+    where bf16 matmuls are native (AMX, AVX512-BF16, GPUs).
     """
 
-    def __init__(
-        self,
-        name: str = EMBEDDED_NLI,
-        *,
-        dtype: str = "float32",
-        batch_size: int = 64,
-    ) -> None:
+    kind = "pair-classifier"
+
+    def __init__(self, name: str, *, dtype: str = "float32", batch_size: int = 64) -> None:
         if dtype not in NLI_DTYPES:
             raise InputError(
                 None, f"NLI dtype must be one of {', '.join(NLI_DTYPES)}, got {dtype!r}"
@@ -116,6 +145,10 @@ class NLIModel:
         self.batch_size = batch_size
         self.model: Any = None
         self.tokenizer: Any = None
+        self.labels: tuple[str, ...] = ()
+        self.spec: dict[str, Any] = {}
+        self.version: str | None = None
+        self.max_length: int | None = None
         self._order: list[int] = []
         # recent results by pair: C and UE ask for the same (persona, reply) pairs
         self._memo: OrderedDict[Pair, np.ndarray] = OrderedDict()
@@ -123,12 +156,10 @@ class NLIModel:
 
     def _locate(self) -> tuple[str, bool]:
         """(what to load, whether it is a PEFT adapter folder); Unavailable when unresolvable."""
-        if self.name == EMBEDDED_NLI:
-            folder = embedded_nli_dir()
+        if self.name in EMBEDDED_CLASSIFIERS:
+            folder = embedded_dir(self.name)
             if not (folder / "adapter_config.json").is_file():
-                raise Unavailable(
-                    f"the embedded NLI adapter is missing from the package ({folder})"
-                )
+                raise Unavailable(f"the embedded model {self.name!r} is missing ({folder})")
             return str(folder), True
         try:
             resolved = resolve(self.name)
@@ -136,6 +167,11 @@ class NLIModel:
             raise Unavailable(str(err)) from None
         adapter = Path(resolved.location, "adapter_config.json")
         return resolved.location, resolved.kind == "local" and adapter.is_file()
+
+    def _label_columns(self, id2label: dict[Any, Any]) -> tuple[tuple[str, ...], list[int]]:
+        """(label names, the output index of each): the model's own order here."""
+        order = sorted(int(i) for i in id2label)
+        return tuple(str(id2label.get(i, id2label.get(str(i)))) for i in order), order
 
     def load(self) -> None:
         """Load once; raise Unavailable with the reason when the model cannot be had here."""
@@ -156,9 +192,14 @@ class NLIModel:
             raise
         except (OSError, ValueError, KeyError, InputError) as err:
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise Unavailable(f"cannot load NLI model {self.name!r}: {first}") from None
-        self._order = label_order(model.config.id2label)
-        model.eval()
+            raise Unavailable(f"cannot load {self.kind} model {self.name!r}: {first}") from None
+        self.labels, self._order = self._label_columns(model.config.id2label)
+        spec = Path(location, "judge.json")
+        self.spec = json.loads(spec.read_text()) if spec.is_file() else {}
+        self.max_length = self.spec.get("max_length")
+        root = Path(location)
+        self.version = content_version(root) if root.is_dir() else location
+        model.eval().to(_device())
         if self.dtype == "bfloat16":
             model.to(torch.bfloat16)
         self.model, self.tokenizer = model, tokenizer
@@ -166,13 +207,13 @@ class NLIModel:
     def probabilities(
         self, pairs: Sequence[Pair], on_batch: Callable[[int], None] | None = None
     ) -> np.ndarray:
-        """Rows of p(entailment), p(neutral), p(contradiction), one per pair (float32).
+        """Rows of label probabilities (columns in ``labels`` order), one per pair (float32).
 
         ``on_batch(n)`` is called after each batch with the number of unique pairs it held.
         """
         self.load()
         if not pairs:
-            return np.zeros((0, len(LABELS)), dtype=np.float32)
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
         unique = [p for p in dict.fromkeys(pairs) if p not in self._memo]
         fresh = dict(zip(unique, self._forward(unique, on_batch), strict=True)) if unique else {}
         found = np.stack([fresh[p] if p in fresh else self._memo[p] for p in pairs])
@@ -184,23 +225,26 @@ class NLIModel:
     def _forward(self, unique: list[Pair], on_batch: Callable[[int], None] | None) -> np.ndarray:
         import torch
 
+        limit = {"max_length": self.max_length} if self.max_length else {}
         encoded = self.tokenizer(
             [premise for premise, _ in unique],
             [hypothesis for _, hypothesis in unique],
             truncation=True,
+            **limit,
         )
         lengths = [len(ids) for ids in encoded["input_ids"]]
         by_length = sorted(range(len(unique)), key=lengths.__getitem__)
-        found = np.zeros((len(unique), len(LABELS)), dtype=np.float32)
-        order = torch.tensor(self._order)
+        found = np.zeros((len(unique), len(self.labels)), dtype=np.float32)
+        device = self.model.device
+        order = torch.tensor(self._order, device=device)
         with torch.inference_mode():
             for start in range(0, len(by_length), self.batch_size):
                 rows = by_length[start : start + self.batch_size]
                 batch = self.tokenizer.pad(
                     [{key: encoded[key][i] for key in encoded} for i in rows], return_tensors="pt"
-                )
+                ).to(device)
                 logits = self.model(**batch).logits.float()
-                found[rows] = torch.softmax(logits[:, order], dim=-1).numpy()
+                found[rows] = torch.softmax(logits[:, order], dim=-1).cpu().numpy()
                 if on_batch is not None:
                     on_batch(len(rows))
         self.forwarded += len(unique)
@@ -208,8 +252,28 @@ class NLIModel:
 
     def predict(
         self, pairs: Sequence[Pair], on_batch: Callable[[int], None] | None = None
+    ) -> list[str]:
+        """The most probable label of each pair."""
+        return [self.labels[i] for i in self.probabilities(pairs, on_batch).argmax(axis=1)]
+
+
+class NLIModel(PairClassifier):
+    """3-way NLI: columns are always entailment, neutral, contradiction, whatever order the
+    checkpoint uses. Which output means what is read from ``config.id2label``."""
+
+    kind = "NLI"
+
+    def __init__(
+        self, name: str = EMBEDDED_NLI, *, dtype: str = "float32", batch_size: int = 64
+    ) -> None:
+        super().__init__(name, dtype=dtype, batch_size=batch_size)
+
+    def _label_columns(self, id2label: dict[Any, Any]) -> tuple[tuple[str, ...], list[int]]:
+        return LABELS, label_order(id2label)
+
+    def predict(  # type: ignore[override]
+        self, pairs: Sequence[Pair], on_batch: Callable[[int], None] | None = None
     ) -> list[Label]:
-        """The most probable label of each (premise, hypothesis) pair."""
         return [LABELS[i] for i in self.probabilities(pairs, on_batch).argmax(axis=1)]
 
 

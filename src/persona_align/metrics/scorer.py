@@ -58,7 +58,8 @@ class ScoreCache:
 def _item_key(settings: str, item: ScoreItem) -> str:
     d = item.dialogue
     material = json.dumps(
-        [settings, d.persona, [t.model_dump() for t in d.context], d.reference, d.knowledge,
+        [settings, d.persona, d.persona_role, [t.model_dump() for t in d.context], d.reference,
+         d.knowledge,
          item.candidate.response, item.candidate.raw],
         ensure_ascii=False,
     )  # fmt: skip

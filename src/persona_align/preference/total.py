@@ -11,7 +11,7 @@ from persona_align.records import ScoredCandidate
 # PersoDPO: 0.14 Coh + 0.20 C + 0.18 UE + 0.16 P + 0.32 LFC (our offline coherence judge
 # stands in for Coh-UniEval by default; name `coh-unieval` in the weights to use UniEval).
 DEFAULT_WEIGHTS: dict[str, float] = {
-    "coh-smollm2": 0.14,
+    "coh": 0.14,
     "c": 0.20,
     "ue": 0.18,
     "p": 0.16,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,10 +283,13 @@ def run_bench(
         }
         for s in systems
     }
+    answered = {r.dialogue_id for records in scored.values() for r in records}
+    roles = dict(sorted(Counter(d.persona_role for d in dialogues if d.id in answered).items()))
     began = time.perf_counter()
     summary = write_report(
         out_dir, scored, infos, training_log=training_log, baseline=baseline, title=title,
-        n_boot=n_boot, seed=seed, extra={"sources": sources, "timings_s": dict(timings)},
+        n_boot=n_boot, seed=seed,
+        extra={"sources": sources, "timings_s": dict(timings), "persona_roles": roles},
     )  # fmt: skip
     summary["timings_s"]["report"] = time.perf_counter() - began
     return summary

@@ -60,6 +60,18 @@ def _metric_cell(summary: Mapping[str, Any], system: str, metric: str, what: str
     return f"{_num(cell['mean'])} ± {_num(cell['std'])}"
 
 
+ROLE_WORDS = {"user": "the listener's", "self": "the responder's own"}
+
+
+def _roles(summary: Mapping[str, Any]) -> str:
+    """Whose persona the replies are judged against: C means something else for each."""
+    roles = summary.get("persona_roles") or {}
+    if not roles:
+        return ""
+    parts = [f"{ROLE_WORDS.get(role, role)} in {n}" for role, n in roles.items()]
+    return f" (persona: {', '.join(parts)})"
+
+
 def sections(
     summary: Mapping[str, Any], images: Mapping[str, bytes], missing: Mapping[str, str]
 ) -> list[Section]:
@@ -70,7 +82,7 @@ def sections(
     out = [
         Section(
             summary.get("title", "Benchmark report"),
-            f"{summary.get('dialogues', '?')} dialogues, {len(systems)} systems, "
+            f"{summary.get('dialogues', '?')} dialogues{_roles(summary)}, {len(systems)} systems, "
             f"metrics: {', '.join(metrics) or 'none'}. Means ± population standard deviation "
             "over all replies; a failed reply (no extractable response) carries each metric's "
             "worst value (PersoBench's convention), so the failure ratio is part of every mean. "

@@ -1,8 +1,5 @@
-"""Train the NLI cross-encoder behind C and UE: LoRA over a small encoder, small enough to ship.
-
-The base (by default the embedded all-MiniLM-L6-v2) stays as installed; only the LoRA
-matrices, the classification head (pooler + classifier) and, with ``train_norms``, the
-LayerNorms and biases are trained and saved, a few MB that load over the base weights.
+"""Train the NLI cross-encoder behind UE (and C's PersoBench protocol): LoRA over a small
+encoder, small enough to ship (see ``training/cross_encoder.py``).
 
 Training data: Dialogue NLI ``nli-train.txt`` plus the MNLI matched/mismatched-hard and
 SNLI-hard sets. SICK is left out on purpose: its licence (CC BY-NC-SA) does not allow shipping
@@ -12,28 +9,21 @@ pair that is also in training.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
-import shutil
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from persona_align.data.nli import LABELS, NLIPair, read_nli
 from persona_align.errors import InputError
-from persona_align.metrics.nli import NLIModel, evaluate_nli, quiet_transformers
-from persona_align.models import resolve
-
-# LoRA on every linear layer inside the transformer blocks (BERT/RoBERTa/MiniLM naming); the
-# pooler and classifier are trained in full instead.
-LORA_TARGETS = (
-    r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense"
-    r"|intermediate\.dense|output\.dense)"
+from persona_align.metrics.nli import NLIModel, evaluate_nli
+from persona_align.training.cross_encoder import (
+    FitSettings,
+    check_output,
+    fit_pair_classifier,
+    progress_bar,
+    save_adapter,
 )
 
 
@@ -89,46 +79,6 @@ class NLITrainResult:
     valid: dict[str, Any] | None = None
 
 
-def _batches(lengths: Sequence[int], batch_size: int, rng: random.Random) -> list[list[int]]:
-    """Shuffled batches of similar length: sort within windows of 50 batches, then shuffle."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lengths.__getitem__)
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-@contextlib.contextmanager
-def _progress(console: Any, label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on ``console``, or nothing when it is None."""
-    if console is None:
-        yield lambda _: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console) as bar:
-        task = bar.add_task(label, total=total)
-        yield lambda n: bar.advance(task, n)
-
-
-def _check(name: str, value: float, low: float) -> None:
-    if value < low:
-        raise InputError(None, f"{name} must be at least {low}, got {value}")
-
-
 def train_nli(
     out_dir: str | Path,
     *,
@@ -154,124 +104,39 @@ def train_nli(
     ``max_steps`` stops early (smoke tests). ``progress`` is a rich Console for a progress bar.
     The output folder appears only when complete; it replaces an existing one.
     """
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        get_linear_schedule_with_warmup,
-    )
-
-    _check("epochs", epochs, 1)
-    _check("lr", lr, 1e-12)
-    _check("lora_r", lora_r, 1)
-    _check("batch_size", batch_size, 1)
-    _check("max_length", max_length, 8)
-    if max_pairs is not None:
-        _check("max_pairs", max_pairs, 1)
+    settings = FitSettings(
+        base=base, epochs=epochs, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha,
+        batch_size=batch_size, max_length=max_length, train_norms=train_norms, bf16=bf16,
+        seed=seed, max_steps=max_steps,
+    )  # fmt: skip
+    settings.check()
+    if max_pairs is not None and max_pairs < 1:
+        raise InputError(None, f"max_pairs must be at least 1, got {max_pairs}")
     out = Path(out_dir)
-    replaceable = out.is_dir() and (
-        (out / "adapter_config.json").is_file() or not any(out.iterdir())
-    )
-    if out.exists() and not replaceable:
-        raise InputError(out, "exists and is not an adapter folder; refusing to replace it")
+    check_output(out)
     data = load_training_data(data_dir)
-    rng = random.Random(seed)
     train = list(data.train)
     if max_pairs is not None and max_pairs < len(train):
-        train = rng.sample(train, max_pairs)
-    try:
-        location = resolve(base).location
-    except InputError as err:
-        raise InputError(None, f"--base: {err}") from None
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(location)
-    config = AutoConfig.from_pretrained(
-        location,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={label: i for i, label in enumerate(LABELS)},
-        problem_type="single_label_classification",
+        train = random.Random(seed).sample(train, max_pairs)
+    model, _, config, losses, seconds = fit_pair_classifier(
+        [(p.premise, p.hypothesis) for p in train],
+        [LABELS.index(p.label) for p in train],
+        LABELS,
+        settings,
+        progress=progress,
+        what="training NLI",
     )
-    with quiet_transformers():
-        base_model = AutoModelForSequenceClassification.from_pretrained(location, config=config)
-    encoder = getattr(base_model, base_model.base_model_prefix)
-    head = ["classifier"] + (["pooler"] if getattr(encoder, "pooler", None) is not None else [])
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=lora_r,
-        lora_alpha=lora_alpha or 2 * lora_r,
-        lora_dropout=0.0,  # BERT's own dropout regularises; LoRA dropout costs ~15% more CPU
-        target_modules=LORA_TARGETS,
-        modules_to_save=head + (["LayerNorm"] if train_norms else []),
-        bias="lora_only" if train_norms else "none",
-    )
-    with quiet_transformers():
-        model = get_peft_model(base_model, lora)
-    model.peft_config["default"].base_model_name_or_path = base
-
-    encoded = tokenizer(
-        [p.premise for p in train], [p.hypothesis for p in train], truncation=True,
-        max_length=max_length,
-    )  # fmt: skip
-    labels = [LABELS.index(p.label) for p in train]
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    plan = [b for _ in range(epochs) for b in _batches(lengths, batch_size, rng)]
-    if max_steps is not None:
-        plan = plan[:max_steps]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * len(plan)), len(plan))
-
-    began = time.perf_counter()
-    model.train()
-    with _progress(progress, "training NLI", len(plan)) as advance:
-        for rows in plan:
-            batch = tokenizer.pad(
-                [{key: encoded[key][i] for key in encoded} for i in rows], return_tensors="pt"
-            )
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                logits = model(**batch).logits
-            loss = torch.nn.functional.cross_entropy(
-                logits.float(), torch.tensor([labels[i] for i in rows])
-            )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            advance(1)
-    seconds = time.perf_counter() - began
-
-    settings = {
-        "epochs": epochs, "lr": lr, "lora_r": lora_r, "lora_alpha": lora_alpha or 2 * lora_r,
-        "batch_size": batch_size, "max_length": max_length, "train_norms": train_norms,
-        "bf16": bf16, "seed": seed, "max_pairs": max_pairs, "max_steps": max_steps,
-        "threads": torch.get_num_threads(),
-    }  # fmt: skip
     result = NLITrainResult(
-        base, len(train), len(data.valid), len(plan), round(seconds, 1), settings,
-        data.sources,
+        base, len(train), len(data.valid), len(losses), round(seconds, 1),
+        settings.as_dict() | {"max_pairs": max_pairs}, data.sources,
     )  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped or shared adapter unreadable
-    try:
-        with quiet_transformers():  # PEFT warns that "embedded-minilm" is not a folder
-            model.save_pretrained(tmp)
-        (tmp / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
-        config.save_pretrained(tmp)
+
+    def finish(tmp: Path) -> None:
         if evaluate and data.valid:
             nli = NLIModel(str(tmp), batch_size=128)
-            with _progress(progress, "evaluating", len(data.valid)) as advance:
+            with progress_bar(progress, "evaluating", len(data.valid)) as advance:
                 result.valid = evaluate_nli(nli, data.valid, advance).as_dict()
         (tmp / "training.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    save_adapter(out, model, config, finish)
     return result

@@ -1,0 +1,60 @@
+"""Train the shipped judges from the labelled data here and ../shared/data (see README.md).
+
+.venv/bin/python judge_data/train_judges.py coh OUT_DIR
+.venv/bin/python judge_data/train_judges.py c OUT_DIR
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import build  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from persona_align.data import read_dialogues  # noqa: E402
+from persona_align.data.nli import read_nli  # noqa: E402
+from persona_align.training.cross_encoder import FitSettings  # noqa: E402
+from persona_align.training.judge import train_judge  # noqa: E402
+
+ASSEMBLED = Path("/tmp/judge-data")  # where `build.py assemble` wrote the files
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "persona_align" / "sample_data"
+
+
+def coherence_dialogues() -> list:
+    focus = read_dialogues("persobench-csv", build.DATA / "persodpo-focus/prompts/train.csv")
+    sample = read_dialogues("jsonl", SAMPLE / "train.jsonl")
+    chat = build.chitchat_dialogues(range(build.CHITCHAT_DEV_FROM))
+    return focus + sample + chat
+
+
+def main() -> None:
+    task, out = sys.argv[1], Path(sys.argv[2])
+    console = Console()
+    assembled = Path(sys.argv[3]) if len(sys.argv) > 3 else ASSEMBLED
+    if task == "coh":
+        result = train_judge(
+            "coh", out, dialogues=coherence_dialogues(),
+            dev=[p for p in [assembled / "coh-readers.jsonl"] if p.exists()],
+            settings=FitSettings(epochs=30, lr=1e-3),
+            progress=console,
+        )  # fmt: skip
+    elif task == "c":
+        dnli = read_nli(build.DATA / "nli/dnli_songhaoyu_RCDG/nli-train.txt", "dnli")
+        result = train_judge(
+            "c", out, train=[assembled / "c-train.jsonl"], dnli=dnli,
+            dev=[build.DATA / "persona-consistency/focus-dev.jsonl",
+                 assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
+            settings=FitSettings(epochs=2, lr=5e-4, batch_size=32, max_length=256, bf16=True,
+                                 init="embedded-nli"),
+            progress=console,
+        )  # fmt: skip
+    else:
+        raise SystemExit(f"unknown task {task!r}")
+    console.print(result)
+
+
+if __name__ == "__main__":
+    main()

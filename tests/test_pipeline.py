@@ -144,6 +144,7 @@ def test_a_crash_keeps_completed_stages(
         ({"generate.responders": [{"kind": "nope"}]}, "nope"),
         ({"stage9": {}}, "stage9"),
         ({"score.metrics": ["lfc", "bogus"]}, "score.metrics"),
+        ({"data.train": "."}, "field 'data.train': is a directory"),
     ],
 )
 def test_bad_configs_fail_before_any_work(

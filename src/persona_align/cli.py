@@ -24,6 +24,7 @@ from persona_align.data import READERS, read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.data.stats import describe, load
 from persona_align.errors import InputError
+from persona_align.files import check_output_file, require_file
 from persona_align.preference.total import DEFAULT_WEIGHTS
 from persona_align.records import Candidate, Dialogue, write_records
 
@@ -96,6 +97,7 @@ def data_import(
     as_json: JsonFlag = False,
 ) -> None:
     """Read a dataset in a published format and write Dialogue records."""
+    check_output_file(output)
     dialogues = read_dialogues(format, input, **_parse_options(opt))
     if not dialogues:
         raise InputError(input, "no dialogues found")
@@ -135,6 +137,7 @@ def data_import_responses(
         raise InputError(None, f"--extraction must be lenient, strict or none, got {extraction!r}")
     if variant not in {"vanilla", "cot"}:
         raise InputError(None, f"--variant must be vanilla or cot, got {variant!r}")
+    check_output_file(output)
     dialogues = read_dialogues("jsonl", dialogues_path)
     candidates = import_responses(responses, dialogues, responder, extraction, variant)  # type: ignore[arg-type]
     write_records(output, candidates, Candidate)
@@ -323,6 +326,7 @@ def generate(
             cache=cache,
             use_cache=not no_cache,
         )
+    check_output_file(section.output)
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
     params = GenerationParams(**section.params.model_dump())
     responders = [make_responder(r.kind, **r.options()) for r in section.responders]
@@ -383,18 +387,19 @@ def score(
     if unknown:
         raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")
     instances = [make_metric(name, **options.get(name, {})) for name in names]
+    check_output_file(output)
     rows = read_dialogues("jsonl", dialogues)
     by_id = {d.id: d for d in rows}
-    statuses = prepare_metrics(instances, rows)
     is_parquet = candidates.suffix.lower() in {".parquet", ".pq"}
     stream = (
         iter(read_records(candidates, Candidate))
         if is_parquet
         else iter_jsonl(candidates, Candidate)
     )
-    total = None if is_parquet else _count_lines(candidates)
+    total = None if is_parquet else _count_lines(require_file(candidates))
     store = None if no_cache else ScoreCache(cache or cache_dir() / "scores.sqlite")
     try:
+        statuses = prepare_metrics(instances, rows)
         with Progress(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=as_json,
@@ -527,6 +532,7 @@ def pairs(
         seed=seed, weight=weight, response_format=response_format,  # type: ignore[arg-type]
     )  # fmt: skip
     config.check()
+    check_output_file(output)
     rows = read_records(scored, ScoredCandidate)
     by_id = {d.id: d for d in read_dialogues("jsonl", dialogues)}
     if rule != "format":

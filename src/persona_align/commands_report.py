@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 
 console = Console()
 DEFAULT_METRICS = "c,ue,p,lfc,dist-1,dist-2,bleu-1,rouge-l"  # = report.DEFAULT_METRICS
@@ -104,9 +105,7 @@ def bench_command(
     if training_log is not None:
         from persona_align.training.curves import read_training_log
 
-        if not training_log.is_file():
-            raise InputError(training_log, "file does not exist")
-        log = read_training_log(training_log)
+        log = read_training_log(require_file(training_log))
         if not log:
             raise InputError(training_log, "no logged step (expected one JSON object a line)")
     summary = run_bench(

@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.preference.pairs import PairFormat, PairWeight
 from persona_align.preference.pal import PALDataConfig
 from persona_align.preference.sbs.dataset import SBSConfig
@@ -238,9 +239,7 @@ class PipelineConfig(_Section):
 
 
 def load_config(path: str | Path) -> PipelineConfig:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
+    path = require_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:

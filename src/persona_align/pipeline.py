@@ -27,6 +27,7 @@ from rich.console import Console
 from persona_align.config import STAGES, PipelineConfig, TrainConfig
 from persona_align.data import read_dialogues
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder, require_file
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -203,7 +204,9 @@ class Pipeline:
         preflight(config, config_path)
         self.config = config
         self.config_path = config_path
-        self.root = (config.output_dir or Path("runs") / str(config.name)).resolve()
+        self.root = check_output_folder(
+            (config.output_dir or Path("runs") / str(config.name)).resolve()
+        )
         self.console = console or Console(stderr=True)
         self.done: dict[str, Stage] = {}
 
@@ -262,9 +265,11 @@ class Pipeline:
                 value = responder_options(responder).get(key)
                 if isinstance(value, str) and Path(value).is_file():
                     files[f"{responder.kind}.{key}"] = Path(value)
-        missing = [str(p) for p in files.values() if not p.exists()]
-        if missing:
-            raise InputError(missing[0], "file does not exist", field=name)
+        for label, path in files.items():  # refused here, before the stage starts
+            try:
+                require_file(path)
+            except InputError as err:
+                raise InputError(path, err.message, field=f"{name}.{label}") from None
         return {label: file_hash(path) for label, path in files.items()}
 
     def _responders(self, name: str) -> list[Any]:

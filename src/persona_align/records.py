@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -215,11 +216,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 def iter_jsonl(path: str | Path, model: type[Record]) -> Iterator[Record]:
     """Yield validated records from a JSONL file; blank lines are skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
+    path = require_file(path)
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"line {lineno}"
@@ -287,9 +284,7 @@ def write_parquet(path: str | Path, records: Iterable[BaseModel], model: type[Ba
 
 
 def read_parquet(path: str | Path, model: type[Record]) -> list[Record]:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
+    path = require_file(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:

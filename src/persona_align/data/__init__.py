@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.records import Dialogue
 
 ReaderFn = Callable[..., list[Dialogue]]
@@ -52,11 +53,7 @@ def read_dialogues(fmt: str, path: str | Path, **options: Any) -> list[Dialogue]
     if unknown:
         allowed = ", ".join(reader.options) or "none"
         raise InputError(None, f"format {fmt!r} has no option {unknown[0]!r} (options: {allowed})")
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
+    path = require_file(path)
     dialogues = reader.fn(path, **options)
     seen: set[str] = set()
     for dialogue in dialogues:

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from persona_align.data.text import read_text
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.records import (
     RECORD_TYPES,
     Candidate,
@@ -24,6 +25,7 @@ from persona_align.records import (
 
 def detect_type(path: Path) -> str:
     """Guess the record type of a JSONL/Parquet file from the keys of its first record."""
+    require_file(path)
     if path.suffix.lower() in {".parquet", ".pq"}:
         import pyarrow.parquet as pq
 

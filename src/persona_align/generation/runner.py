@@ -147,15 +147,16 @@ def run_responders(
     console: Console | None = None,
 ) -> list[Candidate]:
     """Every responder over every dialogue, through one cache (default: the user cache's
-    ``generations.sqlite``). All responders start first, so one that cannot start (unknown
-    model, missing key) fails before any work is done."""
+    ``generations.sqlite``). The cache opens and all responders start first, so a cache that
+    cannot be written or a responder that cannot start (unknown model, missing key) fails
+    before any work is done."""
     from persona_align.models import cache_dir
 
-    for responder in responders:
-        responder.prepare()
     store = GenerationCache(cache_path or cache_dir() / "generations.sqlite") if use_cache else None
     candidates: list[Candidate] = []
     try:
+        for responder in responders:
+            responder.prepare()
         for responder in responders:
             candidates += run_responder(dialogues, responder, params, store, refresh, console)
     finally:

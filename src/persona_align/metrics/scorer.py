@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona_align.errors import InputError
+from persona_align.files import open_sqlite
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable
 from persona_align.records import Candidate, Dialogue, ScoredCandidate
 
@@ -31,9 +31,7 @@ class ScoreCache:
     """SQLite map from (metric settings, inputs) hash to a value (NULL = not computable)."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_sqlite(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value REAL)")
         self._db.commit()
 

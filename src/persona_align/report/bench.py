@@ -23,6 +23,7 @@ from persona_align.data import read_dialogues
 from persona_align.data.responses import Extraction, import_responses
 from persona_align.data.stats import detect_type
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -245,6 +246,7 @@ def run_bench(
     unknown = sorted(set(options or {}) - set(metrics))
     if unknown:
         raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")
+    check_output_folder(out_dir)
     timings: dict[str, float] = {}
     began = time.perf_counter()
     dialogues = read_dialogues("jsonl", dialogues_path)

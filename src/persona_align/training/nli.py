@@ -26,6 +26,7 @@ from typing import Any
 
 from persona_align.data.nli import LABELS, NLIPair, read_nli
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.metrics.nli import NLIModel, evaluate_nli, quiet_transformers
 from persona_align.models import resolve
 
@@ -176,6 +177,7 @@ def train_nli(
     )
     if out.exists() and not replaceable:
         raise InputError(out, "exists and is not an adapter folder; refusing to replace it")
+    check_output_folder(out.parent)  # the adapter is built beside it, then renamed
     data = load_training_data(data_dir)
     rng = random.Random(seed)
     train = list(data.train)
@@ -255,6 +257,7 @@ def train_nli(
         base, len(train), len(data.valid), len(plan), round(seconds, 1), settings,
         data.sources,
     )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped or shared adapter unreadable

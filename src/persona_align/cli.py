@@ -285,7 +285,7 @@ def generate(
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
     from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
-    from persona_align.generation import GenerationParams, make_responder, run_responders
+    from persona_align.generation import GenerationParams, make_responders, run_responders
 
     if config is not None:
         if responder or dialogues or output:
@@ -329,7 +329,11 @@ def generate(
     check_output_file(section.output)
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
     params = GenerationParams(**section.params.model_dump())
-    responders = [make_responder(r.kind, **r.options()) for r in section.responders]
+    responders = make_responders(
+        [(r.kind, r.options()) for r in section.responders],
+        config,
+        "generate.responders" if config is not None else None,
+    )
     candidates = run_responders(rows, responders, params, section.cache, section.use_cache,
                                 refresh, None if as_json else console)  # fmt: skip
     write_records(section.output, candidates, Candidate)

@@ -10,6 +10,7 @@ intact, and training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -96,16 +97,13 @@ def check_config(config: PipelineConfig, where: Path) -> None:
 def preflight(config: PipelineConfig, where: Path) -> None:
     """Build every responder and metric the run names (cheap: nothing loads), so an unknown
     name or a bad option fails now, naming its key, instead of after hours of earlier stages."""
-    from persona_align.generation import make_responder
+    from persona_align.generation import make_responders
     from persona_align.metrics import make_metric
 
-    groups = [("generate", config.generate), ("evaluate", config.evaluate)]
-    for stage, section in groups:
-        for index, responder in enumerate(getattr(section, "responders", None) or []):
-            try:
-                make_responder(responder.kind, **responder_options(responder))
-            except InputError as err:
-                raise InputError(where, err.message, field=f"{stage}.responders.{index}") from None
+    for stage, section in (("generate", config.generate), ("evaluate", config.evaluate)):
+        responders = getattr(section, "responders", None) or []
+        make_responders([(r.kind, responder_options(r)) for r in responders], where,
+                        f"{stage}.responders")  # fmt: skip
     metrics: dict[str, list[str]] = {}
     if config.score is not None:
         metrics["score.metrics"] = config.score.metrics
@@ -232,7 +230,11 @@ class Pipeline:
                 self.console.rule(f"[bold]{name}")
                 started = time.perf_counter()
                 _enter(stage, resume=manifest is None)
-                RUNNERS[name](self, stage)
+                try:
+                    RUNNERS[name](self, stage)
+                except InputError:
+                    _discard_if_empty(stage.folder)
+                    raise
                 self._write_manifest(stage, section, time.perf_counter() - started)
             self.done[name] = stage
         summary = {
@@ -543,6 +545,15 @@ def _enter(stage: Stage, resume: bool) -> None:
     stage.folder.mkdir(parents=True, exist_ok=True)
     (stage.folder / "manifest.json").unlink(missing_ok=True)
     attempt.write_text(stage.key)
+
+
+def _discard_if_empty(folder: Path) -> None:
+    """A stage that refused its input before writing anything leaves no folder behind (a
+    training stage that got as far as a checkpoint keeps it, to resume from)."""
+    if {p.name for p in folder.iterdir()} == {".attempt"}:
+        shutil.rmtree(folder)
+        with contextlib.suppress(OSError):  # and the run folder, when that leaves it empty
+            folder.parent.rmdir()
 
 
 def _has_checkpoint(folder: Path) -> bool:

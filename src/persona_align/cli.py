@@ -280,7 +280,7 @@ def generate(
     refresh: Annotated[
         bool, typer.Option("--refresh", help="Regenerate everything, updating the cache.")
     ] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.", min=1)] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
@@ -328,6 +328,8 @@ def generate(
         )
     check_output_file(section.output)
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
+    if not rows:
+        raise InputError(section.dialogues, "no dialogues")
     params = GenerationParams(**section.params.model_dump())
     responders = make_responders(
         [(r.kind, r.options()) for r in section.responders],
@@ -393,14 +395,17 @@ def score(
     instances = [make_metric(name, **options.get(name, {})) for name in names]
     check_output_file(output)
     rows = read_dialogues("jsonl", dialogues)
+    if not rows:
+        raise InputError(dialogues, "no dialogues")
     by_id = {d.id: d for d in rows}
-    is_parquet = candidates.suffix.lower() in {".parquet", ".pq"}
-    stream = (
-        iter(read_records(candidates, Candidate))
-        if is_parquet
-        else iter_jsonl(candidates, Candidate)
-    )
-    total = None if is_parquet else _count_lines(require_file(candidates))
+    stream: Iterator[Candidate]
+    if candidates.suffix.lower() in {".parquet", ".pq"}:
+        loaded = read_records(candidates, Candidate)
+        total, stream = len(loaded), iter(loaded)
+    else:  # streamed: counted first, for the progress bar
+        total, stream = _count_lines(require_file(candidates)), iter_jsonl(candidates, Candidate)
+    if not total:
+        raise InputError(candidates, "no candidates")
     store = None if no_cache else ScoreCache(cache or cache_dir() / "scores.sqlite")
     try:
         statuses = prepare_metrics(instances, rows)
@@ -538,6 +543,8 @@ def pairs(
     config.check()
     check_output_file(output)
     rows = read_records(scored, ScoredCandidate)
+    if not rows:
+        raise InputError(scored, "no scored candidates")
     by_id = {d.id: d for d in read_dialogues("jsonl", dialogues)}
     if rule != "format":
         chosen_weights = _parse_weights(weights)

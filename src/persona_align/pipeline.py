@@ -272,6 +272,8 @@ class Pipeline:
                 require_file(path)
             except InputError as err:
                 raise InputError(path, err.message, field=f"{name}.{label}") from None
+            if path.stat().st_size == 0:
+                raise InputError(path, "empty file", field=f"{name}.{label}")
         return {label: file_hash(path) for label, path in files.items()}
 
     def _responders(self, name: str) -> list[Any]:
@@ -321,12 +323,16 @@ class Pipeline:
         assert data is not None
         from persona_align.data.stats import describe
 
+        splits = {}  # every split is read before any is written
         for split, location, limit in (("train", data.train, data.limit),
                                        ("eval", data.eval, data.eval_limit)):  # fmt: skip
             if location is None:
                 continue
-            dialogues = read_dialogues(data.format, data_location(location), **data.options)
-            dialogues = dialogues[:limit]
+            path = data_location(location)
+            splits[split] = read_dialogues(data.format, path, **data.options)[:limit]
+            if not splits[split]:
+                raise InputError(path, "no dialogues", field=f"data.{split}")
+        for split, dialogues in splits.items():
             target = stage.folder / f"{split}.jsonl"
             write_records(target, dialogues, Dialogue)
             stage.outputs[split] = str(target)

@@ -101,9 +101,11 @@ def import_responses(
         ]
     by_id = {d.id: d for d in dialogues}
     found: dict[str, Candidate] = {}
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(read_text(path).splitlines(), start=1)
+             if line.strip()]  # fmt: skip
+    if not lines:
+        raise InputError(path, "no responses")
+    for lineno, line in lines:
         where = f"line {lineno}"
         try:
             obj = json.loads(line)

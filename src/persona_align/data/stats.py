@@ -60,7 +60,10 @@ def load(path: Path, kind: str) -> list[BaseModel]:
         raise InputError(
             None, f"unknown record type {kind!r}; known: auto, {', '.join(RECORD_TYPES)}"
         )
-    return read_records(path, RECORD_TYPES[kind])
+    records = read_records(path, RECORD_TYPES[kind])
+    if not records:
+        raise InputError(path, f"no {kind} records")
+    return records
 
 
 def _spread(values: list[float]) -> dict[str, float]:

@@ -231,7 +231,8 @@ def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any
         return kind, {"model": model, "base_url": base_url or None, **options}
     if kind == "import":
         return kind, {"path": rest, "extraction": defaults.get("import_extraction")}
-    raise InputError(None, f"responder spec {spec!r}: unknown kind {kind!r} (hf, openai, import)")
+    # not the whole spec: what follows the kind may be a URL with a key in it
+    raise InputError(None, f"responder spec: unknown kind {kind!r} (hf, openai, import)")
 
 
 @app.command("generate")

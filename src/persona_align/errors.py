@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
 class InputError(Exception):
@@ -27,3 +28,17 @@ class InputError(Exception):
         body = f"field '{self.field}': {self.message}" if self.field else self.message
         text = f"{head}: {body}" if head else body
         return " ".join(text.split())  # always one line, whatever the message held
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: its user part (``key@`` or ``user:password@``), query and fragment,
+    where servers take keys, become ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even splittable: show none of it
+        return "<malformed URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query, fragment = ("***" if text else "" for text in (parts.query, parts.fragment))
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))

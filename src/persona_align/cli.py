@@ -1,6 +1,7 @@
 """``persona-align``: one command per pipeline stage.
 
 Exit codes: 0 success, 2 bad input or configuration (one line naming file, place and field),
+3 model calls still failing after retries (a server down; a rerun retries only those),
 1 anything else. ``--json`` prints a machine-readable summary as the last line of output.
 """
 
@@ -23,7 +24,7 @@ from persona_align.commands_train import train_dpo_command, train_sft_command
 from persona_align.data import READERS, read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.data.stats import describe, load
-from persona_align.errors import InputError
+from persona_align.errors import CallsFailed, InputError
 from persona_align.files import check_output_file, require_file
 from persona_align.preference.total import DEFAULT_WEIGHTS
 from persona_align.records import Candidate, Dialogue, write_records
@@ -286,7 +287,12 @@ def generate(
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
     from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
-    from persona_align.generation import GenerationParams, make_responders, run_responders
+    from persona_align.generation import (
+        GenerationParams,
+        check_calls,
+        make_responders,
+        run_responders,
+    )
 
     if config is not None:
         if responder or dialogues or output:
@@ -344,11 +350,13 @@ def generate(
     if not as_json:
         console.print(f"Wrote {len(candidates)} candidates to {section.output}")
         for name, entry in summary["responders"].items():
+            errors = f", {entry['errors']} call errors" if entry["errors"] else ""
             console.print(
-                f"  {name}: {entry['valid']}/{entry['candidates']} valid, "
+                f"  {name}: {entry['valid']}/{entry['candidates']} valid{errors}, "
                 f"mean latency {entry['mean_latency_s']} s"
             )
     _emit(summary, as_json)
+    check_calls(candidates, responders)  # exit 3 when calls still fail; a rerun retries them
 
 
 def _count_lines(path: Path) -> int:
@@ -447,7 +455,7 @@ def score(
             title=f"{output}: mean ± std per system", title_justify="left", box=None, padding=(0, 1)
         )
         table.add_column("system", no_wrap=True)
-        for column in ("n", "failure", "latency s", *names):
+        for column in ("n", "errors", "failure", "latency s", *names):
             table.add_column(column, justify="right", no_wrap=True)
         for system, entry in table_data.items():
             cells = []
@@ -458,10 +466,17 @@ def score(
                     if not status.available
                     else (f"{m['mean']:.2f}±{m['std']:.2f}" if m else "-")
                 )
-            latency = entry["mean_latency_s"]
-            table.add_row(system, str(entry["responses"]), f"{entry['failure_ratio']:.3f}",
+            latency, failure = entry["mean_latency_s"], entry["failure_ratio"]
+            table.add_row(system, str(entry["responses"]), str(entry["errors"]),
+                          "-" if failure is None else f"{failure:.3f}",
                           "-" if latency is None else f"{latency:.2f}", *cells)  # fmt: skip
         console.print(table)
+        errors = sum(entry["errors"] for entry in table_data.values())
+        if errors:
+            console.print(
+                f"[yellow]{errors} candidates hold a call error (no reply came back): left out "
+                "of every number; rerun generate to retry them[/yellow]"
+            )
         for status in statuses:
             if not status.available:
                 console.print(f"[yellow]{status.name}: unavailable: {status.reason}[/yellow]")
@@ -647,7 +662,8 @@ app.command("chat")(chat_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; InputError becomes exit 2 with one line on stderr."""
+    """Run the CLI and return its exit code; InputError becomes exit 2 and CallsFailed exit 3,
+    each with one line on stderr."""
     # our own rich progress bars report long work; the libraries' tqdm bars would interleave
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF conversion bar
@@ -656,6 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CallsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except SystemExit as exit_:  # click's own handling: usage errors exit 2, --help exits 0
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)

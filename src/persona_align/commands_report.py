@@ -23,7 +23,7 @@ DEFAULT_METRICS = "c,ue,p,lfc,dist-1,dist-2,bleu-1,rouge-l"  # = report.DEFAULT_
 def _table(summary: dict[str, Any]) -> Table:
     metrics = list(summary["metrics"])
     table = Table(title="mean ± std per system", title_justify="left", box=None, padding=(0, 1))
-    for column in ("#", "system", "failure", "time s", *metrics):
+    for column in ("#", "system", "errors", "failure", "time s", *metrics):
         table.add_column(column, justify="left" if column == "system" else "right", no_wrap=True)
     position = {row["system"]: row["position"] for row in summary["ranking"]["order"]}
     for system in sorted(summary["systems"], key=position.__getitem__):
@@ -37,7 +37,7 @@ def _table(summary: dict[str, Any]) -> Table:
                 cells.append(f"{cell['mean']:.3f}±{cell['std']:.3f}")
         latency = entry["mean_latency_s"]
         table.add_row(
-            str(position[system]), system, f"{entry['failure_ratio']:.3f}",
+            str(position[system]), system, str(entry["errors"]), f"{entry['failure_ratio']:.3f}",
             "-" if latency is None else f"{latency:.2f}", *cells,
         )  # fmt: skip
     return table
@@ -143,6 +143,7 @@ def bench_command(
             "ranking": [row["system"] for row in summary["ranking"]["order"]],
             "systems": {
                 name: {
+                    "errors": entry["errors"],
                     "failure_ratio": entry["failure_ratio"],
                     "mean_latency_s": entry["mean_latency_s"],
                     "means": {m: (c["mean"] if c else None) for m, c in entry["metrics"].items()},

@@ -1,4 +1,5 @@
-"""Errors that reach the user as one line: which file, where in it, which field, what is wrong."""
+"""Errors that reach the user as one line: bad input (which file, where in it, which field, what
+is wrong) and calls that kept failing."""
 
 from __future__ import annotations
 
@@ -28,6 +29,12 @@ class InputError(Exception):
         body = f"field '{self.field}': {self.message}" if self.field else self.message
         text = f"{head}: {body}" if head else body
         return " ".join(text.split())  # always one line, whatever the message held
+
+
+class CallsFailed(Exception):
+    """Model calls still failing after their retries (a server down): neither bad input nor the
+    model's failure. The CLI prints ``str(err)`` in one line and exits with code 3; the answers
+    that did come back are cached, so a rerun makes only the failed calls again."""
 
 
 def redact_url(url: str) -> str:

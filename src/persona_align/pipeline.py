@@ -27,7 +27,7 @@ from rich.console import Console
 
 from persona_align.config import STAGES, PipelineConfig, TrainConfig
 from persona_align.data import read_dialogues
-from persona_align.errors import InputError
+from persona_align.errors import CallsFailed, InputError
 from persona_align.files import check_output_folder, require_file
 from persona_align.records import (
     Candidate,
@@ -232,7 +232,7 @@ class Pipeline:
                 _enter(stage, resume=manifest is None)
                 try:
                     RUNNERS[name](self, stage)
-                except InputError:
+                except (InputError, CallsFailed):
                     _discard_if_empty(stage.folder)
                     raise
                 self._write_manifest(stage, section, time.perf_counter() - started)
@@ -476,11 +476,19 @@ class Pipeline:
         cache_path: Path | None,
         use_cache: bool,
     ) -> list[Candidate]:
-        from persona_align.generation import GenerationParams, make_responder, run_responders
+        from persona_align.generation import (
+            GenerationParams,
+            check_calls,
+            make_responder,
+            run_responders,
+        )
 
         params = GenerationParams(**params_config.model_dump())
         made = [make_responder(r.kind, **responder_options(r)) for r in responders]
-        return run_responders(dialogues, made, params, cache_path, use_cache, False, self.console)
+        candidates = run_responders(dialogues, made, params, cache_path, use_cache, False,
+                                    self.console)  # fmt: skip
+        check_calls(candidates, made)  # later stages would take a server's errors for the model's
+        return candidates
 
     def _score(
         self,

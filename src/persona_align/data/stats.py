@@ -113,10 +113,13 @@ def describe(records: list[BaseModel]) -> dict[str, Any]:
         responders = {}
         for name, items in by_responder.items():
             latencies = [c.latency_s for c in items if c.latency_s is not None]
+            valid = sum(c.valid for c in items)
+            answered = sum(c.error is None for c in items)  # a call error is not a model failure
             entry: dict[str, Any] = {
                 "candidates": len(items),
-                "valid": sum(c.valid for c in items),
-                "failure_ratio": round(1 - sum(c.valid for c in items) / len(items), 4),
+                "valid": valid,
+                "errors": len(items) - answered,
+                "failure_ratio": round(1 - valid / answered, 4) if answered else None,
                 "mean_latency_s": round(fmean(latencies), 4) if latencies else None,
             }
             if isinstance(items[0], ScoredCandidate):

@@ -14,13 +14,14 @@ from persona_align.generation.base import (
     make_responders,
 )
 from persona_align.generation.cache import GenerationCache
-from persona_align.generation.runner import run_responder, run_responders
+from persona_align.generation.runner import check_calls, run_responder, run_responders
 
 __all__ = [
     "RESPONDERS",
     "GenerationCache",
     "GenerationParams",
     "Responder",
+    "check_calls",
     "make_responder",
     "make_responders",
     "run_responder",

@@ -64,6 +64,9 @@ class Responder(ABC):
     """
 
     kind: ClassVar[str]
+    # Whether answers go to the generation cache. Responders that read their replies from files
+    # say no: their errors (no reply in the file) are not calls a rerun could retry.
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -86,7 +86,8 @@ def score_stream(
     chunk_size: int = 512,
     source: str | Path | None = None,
 ) -> Iterator[ScoredCandidate]:
-    """Yield one ScoredCandidate per candidate, in order; failures get each metric's worst value."""
+    """Yield one ScoredCandidate per candidate, in order; failures get each metric's worst value,
+    candidates with a call error (no reply came back) no value at all."""
     live = [
         (m, json.dumps(m.settings(), sort_keys=True))
         for m, s in zip(metrics, statuses, strict=True)
@@ -112,6 +113,8 @@ def score_stream(
             column = values[metric.name]
             todo: list[int] = []
             for i, item in enumerate(items):
+                if item.candidate.error is not None:
+                    continue  # no reply came back (a server down): nothing of the model's to score
                 if not item.candidate.valid:
                     column[i] = metric.failure_value
                 elif metric.needs_reference and not (item.dialogue.reference or "").strip():

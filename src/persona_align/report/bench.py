@@ -31,7 +31,7 @@ from persona_align.records import (
     read_records,
     write_records,
 )
-from persona_align.report.summary import MetricInfo, metric_info
+from persona_align.report.summary import MetricInfo, check_answered, metric_info
 from persona_align.report.writer import write_report
 
 DEFAULT_METRICS = ("c", "ue", "p", "lfc", "dist-1", "dist-2", "bleu-1", "rouge-l")
@@ -253,6 +253,8 @@ def run_bench(
     if not dialogues:
         raise InputError(dialogues_path, "no dialogues")
     systems = load_systems(system_args, dialogues, extraction)
+    for system in systems:  # now, not after scoring the others
+        check_answered(system.name, system.records)
     if baseline is not None and baseline not in {s.name for s in systems}:
         names = ", ".join(s.name for s in systems)
         raise InputError(None, f"--baseline {baseline!r} is not a system; systems: {names}")

@@ -147,3 +147,33 @@ def cli(capsys: pytest.CaptureFixture[str]):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path):
+    """A folder in which no file can be created, root included: immutable (``chattr +i``) when
+    the tests run as root, for whom permission bits mean nothing; mode 0555 otherwise."""
+    import os
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    as_root = os.geteuid() == 0
+
+    def flag(sign: str) -> bool:
+        return (
+            subprocess.run(["chattr", f"{sign}i", str(folder)], capture_output=True).returncode == 0
+        )
+
+    if as_root and not (shutil.which("chattr") and flag("+")):
+        pytest.skip("running as root without chattr +i: cannot make a read-only folder")
+    if not as_root:
+        folder.chmod(0o555)
+    try:
+        yield folder
+    finally:
+        if as_root:
+            flag("-")
+        else:
+            folder.chmod(0o755)

@@ -9,11 +9,13 @@ import socket
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 
-from persona_align.errors import InputError
+from persona_align.cli import sample_path
+from persona_align.errors import InputError, redact_url
 from persona_align.generation.base import GenerationParams, Request, Result, make_responder
 from persona_align.generation.fake_server import (
     FAULT_KINDS,
@@ -276,3 +278,48 @@ def test_fake_server_answers_like_openai() -> None:
     assert [status for status, _ in replies] == [200, 400, 404, 200]
     assert replies[0][1]["choices"][0]["message"]["content"] == expected_content("hello")
     assert replies[3][1]["data"][0]["id"] == "fake-model"
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:notaport/v1", "http://127.0.0.1:99999/v1", "ftp://example.com/v1",
+     "http:///v1", "http://[::1/v1"],
+)  # fmt: skip
+def test_a_malformed_base_url_is_refused_when_built(url: str) -> None:
+    with pytest.raises(InputError) as err:
+        make_responder("openai", model="m", base_url=url)
+    assert err.value.field == "base_url" and "\n" not in str(err.value)
+
+
+def test_cli_bad_port_is_one_line_exit_2(cli, tmp_path: Path) -> None:
+    result = cli("generate", "-r", "openai:m@http://127.0.0.1:notaport/v1", "-d",
+                 sample_path("valid"), "-o", tmp_path / "c.jsonl", "--no-cache")  # fmt: skip
+    assert result.code == 2
+    assert result.err == (
+        "error: field 'base_url': responder 'openai': http://127.0.0.1:notaport/v1: Port could "
+        "not be cast to integer value as 'notaport'\n"
+    )
+    assert not (tmp_path / "c.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1"),
+        ("https://sk-SECRET@api.example.com/v1", "https://***@api.example.com/v1"),
+        ("https://user:pw-SECRET@host/v1?api-key=SECRET&v=1#SECRET", "https://***@host/v1?***#***"),
+        ("http://[::1", "<malformed URL>"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_credentials_in_a_url_are_never_printed(cli, tmp_path: Path) -> None:
+    url = closed_port_url().replace("http://", "http://sk-user-SECRET:pw-SECRET@")
+    for base_url in (url, url + "?api-key=SECRET", url.replace("/v1", ":notaport/v1")):
+        result = cli("generate", "-r", f"openai:m@{base_url}", "-d", sample_path("valid"),
+                     "-o", tmp_path / "c.jsonl", "--no-cache")  # fmt: skip
+        assert result.code == 2 and len(result.err.splitlines()) == 1
+        assert "SECRET" not in result.err and "***@127.0.0.1" in result.err
+        assert "SECRET" not in repr(OpenAIResponder(model="m", base_url=url))

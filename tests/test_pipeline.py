@@ -144,6 +144,12 @@ def test_a_crash_keeps_completed_stages(
         ({"generate.responders": [{"kind": "nope"}]}, "nope"),
         ({"stage9": {}}, "stage9"),
         ({"score.metrics": ["lfc", "bogus"]}, "score.metrics"),
+        ({"data.format": "nope"}, "field 'data.format': unknown format 'nope'"),
+        ({"data.train": "."}, "field 'data.train': is a directory"),
+        (
+            {"generate.responders": [{"kind": "openai", "model": "m", "timeout": "soon"}]},
+            "field 'generate.responders.0.timeout'",
+        ),
     ],
 )
 def test_bad_configs_fail_before_any_work(
@@ -161,7 +167,7 @@ def test_bad_configs_fail_before_any_work(
     result = cli("run", str(write(isolated, config)))
     assert result.code == 2, result.err
     assert expected in result.err and len(result.err.strip().splitlines()) == 1
-    assert not (isolated / "run" / "generate").exists()
+    assert not (isolated / "run").exists()  # not even a data stage's .attempt
 
 
 @pytest.mark.parametrize("name", ["quickstart", "persodpo", "pal", "sbs"])
@@ -176,3 +182,11 @@ def test_shipped_configs_validate(name: str) -> None:
         preflight(config, path)
     else:
         assert getattr(config, name) is not None
+
+
+def test_a_bad_row_leaves_no_stage_folder(cli, isolated: Path, tiny_llama_dir: Path) -> None:
+    (isolated / "bad.jsonl").write_text('{"id": "a", "persona": ["I sing."], "context": []}\n')
+    config = tiny_config(tiny_llama_dir, **{"data.train": "bad.jsonl"})
+    result = cli("run", str(write(isolated, config)))
+    assert result.code == 2 and "bad.jsonl:line 1: field 'context'" in result.err
+    assert not (isolated / "run").exists()  # the data stage's folder and .attempt are gone

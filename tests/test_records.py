@@ -142,3 +142,42 @@ def test_parquet_rejects_garbage(tmp_path: Path) -> None:
     path.write_text("not parquet", encoding="utf-8")
     with pytest.raises(InputError, match="not a readable Parquet file"):
         read_records(path, Dialogue)
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from persona_align.records import atomic_open
+with atomic_open(sys.argv[1]) as handle:
+    handle.write("half a file")
+    handle.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_writer_leaves_no_temp_file_after_the_rerun(cli, tmp_path: Path) -> None:
+    """What ``score`` killed mid-write left behind goes with the next write of that output."""
+    import subprocess
+    import sys
+
+    dialogues, candidates = tmp_path / "d.jsonl", tmp_path / "c.jsonl"
+    write_records(dialogues, [Dialogue.model_validate(DIALOGUE)], Dialogue)
+    write_records(candidates, [Candidate.model_validate(CANDIDATE)], Candidate)
+    out = tmp_path / "scored.jsonl"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(out)], check=False)
+    assert killed.returncode == -9
+    assert [p.name for p in tmp_path.glob(".scored.jsonl.*.tmp")]  # the leftover
+    result = cli("score", "-d", dialogues, "-c", candidates, "-o", out, "--no-cache")
+    assert result.code == 0, result.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl", "d.jsonl", "scored.jsonl"]
+    assert read_records(out, ScoredCandidate)[0].scores["lfc"] is not None
+
+
+def test_a_live_writers_temp_file_is_left_alone(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    with atomic_open(out) as handle:  # another writer of the same output, still at work
+        handle.write("the other writer's\n")
+        (theirs,) = tmp_path.glob(".out.jsonl.*.tmp")
+        write_records(out, [Candidate.model_validate(CANDIDATE)], Candidate)
+        assert theirs.exists()
+    assert out.read_text() == "the other writer's\n"  # the last rename wins, as before
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]

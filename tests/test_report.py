@@ -100,9 +100,9 @@ def test_markdown_table_matches_hand_computed_means(cli, two_systems) -> None:
     rows = _md_rows(markdown, "Results")
     # alpha dist-1 [0.25, 1, 0]: mean 0.4167, population std sqrt(0.5417/3) = 0.4249
     # alpha dist-2 [1/3, 1, 0]: mean 0.4444, std sqrt(0.5185/3) = 0.4157
-    assert rows["alpha"][1:] == ["3", "0.333", "2.00", "0.417 ± 0.425", "0.444 ± 0.416"]
+    assert rows["alpha"][1:] == ["3", "0", "0.333", "2.00", "0.417 ± 0.425", "0.444 ± 0.416"]
     # beta dist-1 [1, 0.5, 0.5]: mean 0.6667, std 0.2357; dist-2 [1, 1, 2/3]: 0.8889, 0.1571
-    assert rows["beta"][1:] == ["3", "0.000", "0.50", "0.667 ± 0.236", "0.889 ± 0.157"]
+    assert rows["beta"][1:] == ["3", "0", "0.000", "0.50", "0.667 ± 0.236", "0.889 ± 0.157"]
     ranks = _md_rows(markdown, "Ranking")
     assert ranks["beta"][0] == "1" and ranks["alpha"][0] == "2"
     # paired differences beta - alpha on dist-1: 0.75, -0.5, 0.5 -> mean +0.25

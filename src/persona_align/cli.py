@@ -1,6 +1,7 @@
 """``persona-align``: one command per pipeline stage.
 
 Exit codes: 0 success, 2 bad input or configuration (one line naming file, place and field),
+3 model calls still failing after retries (a server down; a rerun retries only those),
 1 anything else. ``--json`` prints a machine-readable summary as the last line of output.
 """
 
@@ -24,7 +25,8 @@ from persona_align.commands_train import train_dpo_command, train_sft_command
 from persona_align.data import READERS, read_dialogues
 from persona_align.data.responses import import_responses
 from persona_align.data.stats import describe, load
-from persona_align.errors import InputError
+from persona_align.errors import CallsFailed, InputError
+from persona_align.files import check_output_file, require_file
 from persona_align.preference.total import DEFAULT_WEIGHTS
 from persona_align.records import Candidate, Dialogue, write_records
 
@@ -101,6 +103,7 @@ def data_import(
     as_json: JsonFlag = False,
 ) -> None:
     """Read a dataset in a published format and write Dialogue records."""
+    check_output_file(output)
     dialogues = read_dialogues(format, input, **_parse_options(opt))
     if not dialogues:
         raise InputError(input, "no dialogues found")
@@ -140,6 +143,7 @@ def data_import_responses(
         raise InputError(None, f"--extraction must be lenient, strict or none, got {extraction!r}")
     if variant not in {"vanilla", "cot"}:
         raise InputError(None, f"--variant must be vanilla or cot, got {variant!r}")
+    check_output_file(output)
     dialogues = read_dialogues("jsonl", dialogues_path)
     candidates = import_responses(responses, dialogues, responder, extraction, variant)  # type: ignore[arg-type]
     write_records(output, candidates, Candidate)
@@ -233,7 +237,8 @@ def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any
         return kind, {"model": model, "base_url": base_url or None, **options}
     if kind == "import":
         return kind, {"path": rest, "extraction": defaults.get("import_extraction")}
-    raise InputError(None, f"responder spec {spec!r}: unknown kind {kind!r} (hf, openai, import)")
+    # not the whole spec: what follows the kind may be a URL with a key in it
+    raise InputError(None, f"responder spec: unknown kind {kind!r} (hf, openai, import)")
 
 
 @app.command("generate")
@@ -282,12 +287,17 @@ def generate(
     refresh: Annotated[
         bool, typer.Option("--refresh", help="Regenerate everything, updating the cache.")
     ] = False,
-    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N dialogues.", min=1)] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
     from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
-    from persona_align.generation import GenerationParams, make_responder, run_responders
+    from persona_align.generation import (
+        GenerationParams,
+        check_calls,
+        make_responders,
+        run_responders,
+    )
 
     if config is not None:
         if responder or dialogues or output:
@@ -328,9 +338,16 @@ def generate(
             cache=cache,
             use_cache=not no_cache,
         )
+    check_output_file(section.output)
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
+    if not rows:
+        raise InputError(section.dialogues, "no dialogues")
     params = GenerationParams(**section.params.model_dump())
-    responders = [make_responder(r.kind, **r.options()) for r in section.responders]
+    responders = make_responders(
+        [(r.kind, r.options()) for r in section.responders],
+        config,
+        "generate.responders" if config is not None else None,
+    )
     candidates = run_responders(rows, responders, params, section.cache, section.use_cache,
                                 refresh, None if as_json else console)  # fmt: skip
     write_records(section.output, candidates, Candidate)
@@ -338,11 +355,13 @@ def generate(
     if not as_json:
         console.print(f"Wrote {len(candidates)} candidates to {section.output}")
         for name, entry in summary["responders"].items():
+            errors = f", {entry['errors']} call errors" if entry["errors"] else ""
             console.print(
-                f"  {name}: {entry['valid']}/{entry['candidates']} valid, "
+                f"  {name}: {entry['valid']}/{entry['candidates']} valid{errors}, "
                 f"mean latency {entry['mean_latency_s']} s"
             )
     _emit(summary, as_json)
+    check_calls(candidates, responders)  # exit 3 when calls still fail; a rerun retries them
 
 
 def _count_lines(path: Path) -> int:
@@ -388,18 +407,22 @@ def score(
     if unknown:
         raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")
     instances = [make_metric(name, **options.get(name, {})) for name in names]
+    check_output_file(output)
     rows = read_dialogues("jsonl", dialogues)
+    if not rows:
+        raise InputError(dialogues, "no dialogues")
     by_id = {d.id: d for d in rows}
-    statuses = prepare_metrics(instances, rows)
-    is_parquet = candidates.suffix.lower() in {".parquet", ".pq"}
-    stream = (
-        iter(read_records(candidates, Candidate))
-        if is_parquet
-        else iter_jsonl(candidates, Candidate)
-    )
-    total = None if is_parquet else _count_lines(candidates)
+    stream: Iterator[Candidate]
+    if candidates.suffix.lower() in {".parquet", ".pq"}:
+        loaded = read_records(candidates, Candidate)
+        total, stream = len(loaded), iter(loaded)
+    else:  # streamed: counted first, for the progress bar
+        total, stream = _count_lines(require_file(candidates)), iter_jsonl(candidates, Candidate)
+    if not total:
+        raise InputError(candidates, "no candidates")
     store = None if no_cache else ScoreCache(cache or cache_dir() / "scores.sqlite")
     try:
+        statuses = prepare_metrics(instances, rows)
         with Progress(
             TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             console=console, disable=as_json,
@@ -437,7 +460,7 @@ def score(
             title=f"{output}: mean ± std per system", title_justify="left", box=None, padding=(0, 1)
         )
         table.add_column("system", no_wrap=True)
-        for column in ("n", "failure", "latency s", *names):
+        for column in ("n", "errors", "failure", "latency s", *names):
             table.add_column(column, justify="right", no_wrap=True)
         for system, entry in table_data.items():
             cells = []
@@ -448,10 +471,17 @@ def score(
                     if not status.available
                     else (f"{m['mean']:.2f}±{m['std']:.2f}" if m else "-")
                 )
-            latency = entry["mean_latency_s"]
-            table.add_row(system, str(entry["responses"]), f"{entry['failure_ratio']:.3f}",
+            latency, failure = entry["mean_latency_s"], entry["failure_ratio"]
+            table.add_row(system, str(entry["responses"]), str(entry["errors"]),
+                          "-" if failure is None else f"{failure:.3f}",
                           "-" if latency is None else f"{latency:.2f}", *cells)  # fmt: skip
         console.print(table)
+        errors = sum(entry["errors"] for entry in table_data.values())
+        if errors:
+            console.print(
+                f"[yellow]{errors} candidates hold a call error (no reply came back): left out "
+                "of every number; rerun generate to retry them[/yellow]"
+            )
         for status in statuses:
             if not status.available:
                 console.print(f"[yellow]{status.name}: unavailable: {status.reason}[/yellow]")
@@ -532,7 +562,10 @@ def pairs(
         seed=seed, weight=weight, response_format=response_format,  # type: ignore[arg-type]
     )  # fmt: skip
     config.check()
+    check_output_file(output)
     rows = read_records(scored, ScoredCandidate)
+    if not rows:
+        raise InputError(scored, "no scored candidates")
     by_id = {d.id: d for d in read_dialogues("jsonl", dialogues)}
     if rule != "format":
         chosen_weights = _parse_weights(weights)
@@ -634,7 +667,8 @@ app.command("chat")(chat_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit code; InputError becomes exit 2 with one line on stderr."""
+    """Run the CLI and return its exit code; InputError becomes exit 2 and CallsFailed exit 3,
+    each with one line on stderr."""
     # our own rich progress bars report long work; the libraries' tqdm bars would interleave
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. transformers' GGUF conversion bar
@@ -643,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CallsFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     except SystemExit as exit_:  # click's own handling: usage errors exit 2, --help exits 0
         code = exit_.code
         return code if isinstance(code, int) else (0 if code is None else 1)

@@ -23,6 +23,7 @@ from rich.table import Table
 from persona_align.commands_train import JsonFlag, ResumeFlag
 from persona_align.config import PALConfig, SBSSection, load_config
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.generation.base import GenerationParams
 from persona_align.records import Candidate, Dialogue, write_records
 from persona_align.training.pal import (
@@ -197,6 +198,8 @@ def pal_pipeline(
     config: PALConfig, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """PAL training (``training.pal.train_pal``) and, when configured, its evaluation."""
+    if config.evaluate is not None:  # a typo here fails now, not after the training
+        require_file(config.evaluate.dialogues)
     summary = train_pal(config, resume, console)
     if config.evaluate is None:
         return summary
@@ -207,6 +210,8 @@ def sbs_pipeline(
     config: SBSSection, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """SBS training (``training.sbs.train_sbs``) and, when configured, its evaluation."""
+    if config.evaluate is not None:  # a typo here fails now, not after the training
+        require_file(config.evaluate.dialogues)
     summary = train_sbs(config, resume, console)
     if config.evaluate is None:
         return summary

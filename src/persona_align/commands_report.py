@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 
 console = Console()
 DEFAULT_METRICS = "c,ue,p,lfc,dist-1,dist-2,bleu-1,rouge-l"  # = report.DEFAULT_METRICS
@@ -22,7 +23,7 @@ DEFAULT_METRICS = "c,ue,p,lfc,dist-1,dist-2,bleu-1,rouge-l"  # = report.DEFAULT_
 def _table(summary: dict[str, Any]) -> Table:
     metrics = list(summary["metrics"])
     table = Table(title="mean ± std per system", title_justify="left", box=None, padding=(0, 1))
-    for column in ("#", "system", "failure", "time s", *metrics):
+    for column in ("#", "system", "errors", "failure", "time s", *metrics):
         table.add_column(column, justify="left" if column == "system" else "right", no_wrap=True)
     position = {row["system"]: row["position"] for row in summary["ranking"]["order"]}
     for system in sorted(summary["systems"], key=position.__getitem__):
@@ -36,7 +37,7 @@ def _table(summary: dict[str, Any]) -> Table:
                 cells.append(f"{cell['mean']:.3f}±{cell['std']:.3f}")
         latency = entry["mean_latency_s"]
         table.add_row(
-            str(position[system]), system, f"{entry['failure_ratio']:.3f}",
+            str(position[system]), system, str(entry["errors"]), f"{entry['failure_ratio']:.3f}",
             "-" if latency is None else f"{latency:.2f}", *cells,
         )  # fmt: skip
     return table
@@ -104,9 +105,7 @@ def bench_command(
     if training_log is not None:
         from persona_align.training.curves import read_training_log
 
-        if not training_log.is_file():
-            raise InputError(training_log, "file does not exist")
-        log = read_training_log(training_log)
+        log = read_training_log(require_file(training_log))
         if not log:
             raise InputError(training_log, "no logged step (expected one JSON object a line)")
     summary = run_bench(
@@ -144,6 +143,7 @@ def bench_command(
             "ranking": [row["system"] for row in summary["ranking"]["order"]],
             "systems": {
                 name: {
+                    "errors": entry["errors"],
                     "failure_ratio": entry["failure_ratio"],
                     "mean_latency_s": entry["mean_latency_s"],
                     "means": {m: (c["mean"] if c else None) for m, c in entry["metrics"].items()},

@@ -7,12 +7,23 @@ config never silently falls back to a default.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+)
 
+from persona_align.data import reader_for
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.preference.pairs import PairFormat, PairWeight
 from persona_align.preference.pal import PALDataConfig
 from persona_align.preference.sbs.dataset import SBSConfig
@@ -20,6 +31,18 @@ from persona_align.preference.sbs.dataset import SBSConfig
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def _known_format(name: str) -> str:
+    try:
+        reader_for(name)
+    except InputError as err:
+        raise ValueError(err.message) from None
+    return name
+
+
+# A dataset format `data import` reads: an unknown one fails when the config loads.
+ReaderFormat = Annotated[str, AfterValidator(_known_format)]
 
 
 class ParamsConfig(_Section):
@@ -119,7 +142,7 @@ class MethodEvalSection(_Section):
     """Held-out dialogues the trained model answers after training."""
 
     dialogues: Path
-    format: str = "jsonl"
+    format: ReaderFormat = "jsonl"
     max_dialogues: int | None = Field(None, ge=1)
     decode: DecodeSection = Field(default_factory=DecodeSection)
 
@@ -136,7 +159,7 @@ class SBSEvalSection(MethodEvalSection):
 class _MethodSection(_Section):
     model: str = "embedded"
     dialogues: Path
-    format: str = "jsonl"
+    format: ReaderFormat = "jsonl"
     max_dialogues: int | None = Field(None, ge=1)
     output_dir: Path
 
@@ -174,12 +197,22 @@ class DataSection(_Section):
     A path, or ``sample:train`` / ``sample:valid`` for the bundled sample dialogues.
     """
 
-    format: str = "jsonl"
+    format: ReaderFormat = "jsonl"
     train: str
     eval: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)
+
+    @field_validator("options")
+    @classmethod
+    def _options_of_format(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "format" in info.data:  # else the format itself was refused
+            try:
+                reader_for(info.data["format"], options)
+            except InputError as err:
+                raise ValueError(err.message) from None
+        return options
 
 
 class ScoreSection(_Section):
@@ -236,9 +269,7 @@ class PipelineConfig(_Section):
 
 
 def load_config(path: str | Path) -> PipelineConfig:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
+    path = require_file(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -256,7 +287,7 @@ def load_config(path: str | Path) -> PipelineConfig:
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise InputError(path, first["msg"], field=field) from None
+        raise InputError(path, first["msg"].removeprefix("Value error, "), field=field) from None
     base = path.parent
     if config.generate is not None:  # paths in a config are relative to the config file
         g = config.generate

@@ -1,8 +1,10 @@
-"""Errors that reach the user as one line: which file, where in it, which field, what is wrong."""
+"""Errors that reach the user as one line: bad input (which file, where in it, which field, what
+is wrong) and calls that kept failing."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 
 class InputError(Exception):
@@ -27,3 +29,23 @@ class InputError(Exception):
         body = f"field '{self.field}': {self.message}" if self.field else self.message
         text = f"{head}: {body}" if head else body
         return " ".join(text.split())  # always one line, whatever the message held
+
+
+class CallsFailed(Exception):
+    """Model calls still failing after their retries (a server down): neither bad input nor the
+    model's failure. The CLI prints ``str(err)`` in one line and exits with code 3; the answers
+    that did come back are cached, so a rerun makes only the failed calls again."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` fit to print: its user part (``key@`` or ``user:password@``), query and fragment,
+    where servers take keys, become ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even splittable: show none of it
+        return "<malformed URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query, fragment = ("***" if text else "" for text in (parts.query, parts.fragment))
+    return urlunsplit(parts._replace(netloc=netloc, query=query, fragment=fragment))

@@ -10,6 +10,7 @@ intact, and training resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -26,7 +27,8 @@ from rich.console import Console
 
 from persona_align.config import STAGES, PipelineConfig, TrainConfig
 from persona_align.data import read_dialogues
-from persona_align.errors import InputError
+from persona_align.errors import CallsFailed, InputError
+from persona_align.files import check_output_folder, require_file
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -95,16 +97,13 @@ def check_config(config: PipelineConfig, where: Path) -> None:
 def preflight(config: PipelineConfig, where: Path) -> None:
     """Build every responder and metric the run names (cheap: nothing loads), so an unknown
     name or a bad option fails now, naming its key, instead of after hours of earlier stages."""
-    from persona_align.generation import make_responder
+    from persona_align.generation import make_responders
     from persona_align.metrics import make_metric
 
-    groups = [("generate", config.generate), ("evaluate", config.evaluate)]
-    for stage, section in groups:
-        for index, responder in enumerate(getattr(section, "responders", None) or []):
-            try:
-                make_responder(responder.kind, **responder_options(responder))
-            except InputError as err:
-                raise InputError(where, err.message, field=f"{stage}.responders.{index}") from None
+    for stage, section in (("generate", config.generate), ("evaluate", config.evaluate)):
+        responders = getattr(section, "responders", None) or []
+        make_responders([(r.kind, responder_options(r)) for r in responders], where,
+                        f"{stage}.responders")  # fmt: skip
     metrics: dict[str, list[str]] = {}
     if config.score is not None:
         metrics["score.metrics"] = config.score.metrics
@@ -203,7 +202,9 @@ class Pipeline:
         preflight(config, config_path)
         self.config = config
         self.config_path = config_path
-        self.root = (config.output_dir or Path("runs") / str(config.name)).resolve()
+        self.root = check_output_folder(
+            (config.output_dir or Path("runs") / str(config.name)).resolve()
+        )
         self.console = console or Console(stderr=True)
         self.done: dict[str, Stage] = {}
 
@@ -229,7 +230,11 @@ class Pipeline:
                 self.console.rule(f"[bold]{name}")
                 started = time.perf_counter()
                 _enter(stage, resume=manifest is None)
-                RUNNERS[name](self, stage)
+                try:
+                    RUNNERS[name](self, stage)
+                except (InputError, CallsFailed):
+                    _discard_if_empty(stage.folder)
+                    raise
                 self._write_manifest(stage, section, time.perf_counter() - started)
             self.done[name] = stage
         summary = {
@@ -262,9 +267,13 @@ class Pipeline:
                 value = responder_options(responder).get(key)
                 if isinstance(value, str) and Path(value).is_file():
                     files[f"{responder.kind}.{key}"] = Path(value)
-        missing = [str(p) for p in files.values() if not p.exists()]
-        if missing:
-            raise InputError(missing[0], "file does not exist", field=name)
+        for label, path in files.items():  # refused here, before the stage starts
+            try:
+                require_file(path)
+            except InputError as err:
+                raise InputError(path, err.message, field=f"{name}.{label}") from None
+            if path.stat().st_size == 0:
+                raise InputError(path, "empty file", field=f"{name}.{label}")
         return {label: file_hash(path) for label, path in files.items()}
 
     def _responders(self, name: str) -> list[Any]:
@@ -314,12 +323,16 @@ class Pipeline:
         assert data is not None
         from persona_align.data.stats import describe
 
+        splits = {}  # every split is read before any is written
         for split, location, limit in (("train", data.train, data.limit),
                                        ("eval", data.eval, data.eval_limit)):  # fmt: skip
             if location is None:
                 continue
-            dialogues = read_dialogues(data.format, data_location(location), **data.options)
-            dialogues = dialogues[:limit]
+            path = data_location(location)
+            splits[split] = read_dialogues(data.format, path, **data.options)[:limit]
+            if not splits[split]:
+                raise InputError(path, "no dialogues", field=f"data.{split}")
+        for split, dialogues in splits.items():
             target = stage.folder / f"{split}.jsonl"
             write_records(target, dialogues, Dialogue)
             stage.outputs[split] = str(target)
@@ -463,11 +476,19 @@ class Pipeline:
         cache_path: Path | None,
         use_cache: bool,
     ) -> list[Candidate]:
-        from persona_align.generation import GenerationParams, make_responder, run_responders
+        from persona_align.generation import (
+            GenerationParams,
+            check_calls,
+            make_responder,
+            run_responders,
+        )
 
         params = GenerationParams(**params_config.model_dump())
         made = [make_responder(r.kind, **responder_options(r)) for r in responders]
-        return run_responders(dialogues, made, params, cache_path, use_cache, False, self.console)
+        candidates = run_responders(dialogues, made, params, cache_path, use_cache, False,
+                                    self.console)  # fmt: skip
+        check_calls(candidates, made)  # later stages would take a server's errors for the model's
+        return candidates
 
     def _score(
         self,
@@ -538,6 +559,15 @@ def _enter(stage: Stage, resume: bool) -> None:
     stage.folder.mkdir(parents=True, exist_ok=True)
     (stage.folder / "manifest.json").unlink(missing_ok=True)
     attempt.write_text(stage.key)
+
+
+def _discard_if_empty(folder: Path) -> None:
+    """A stage that refused its input before writing anything leaves no folder behind (a
+    training stage that got as far as a checkpoint keeps it, to resume from)."""
+    if {p.name for p in folder.iterdir()} == {".attempt"}:
+        shutil.rmtree(folder)
+        with contextlib.suppress(OSError):  # and the run folder, when that leaves it empty
+            folder.parent.rmdir()
 
 
 def _has_checkpoint(folder: Path) -> bool:

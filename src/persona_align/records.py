@@ -9,8 +9,11 @@ crash never leaves a half-written file behind.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,6 +32,7 @@ from pydantic import (
 )
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 
 NonEmptyStr = Annotated[str, StringConstraints(min_length=1)]
 
@@ -210,21 +214,69 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+_TEMP_NAME = r"\.{name}\.[a-z0-9_]{{8}}\.tmp"  # what atomic_path's mkstemp names look like
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Remove the temporary files of ``target`` that a killed writer left behind.
+
+    A live writer holds a lock on its temporary file until it is renamed; the kernel drops the
+    lock when the writer dies, however it dies. So an unlocked one is a leftover, and a locked
+    one (another process writing the same output) is left alone.
+    """
+    pattern = re.compile(_TEMP_NAME.format(name=re.escape(target.name)))
+    for leftover in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        if not pattern.fullmatch(leftover.name):
+            continue
+        try:
+            fd = os.open(leftover, os.O_RDONLY)
+        except OSError:
+            continue  # renamed or removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            leftover.unlink(missing_ok=True)
+        except BlockingIOError:
+            continue
+        finally:
+            os.close(fd)
+
+
+def _locked_temp(target: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``target``, locked; a place that cannot hold it is bad input."""
+    if target.is_dir():
+        raise InputError(target, "is a directory, expected a file to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink:  # not removed as a leftover before we locked it
+                break
+            os.close(fd)
+    except OSError as err:
+        raise InputError(target, f"cannot be written: {err.strerror}") from None
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+    return fd, Path(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds.
+
+    Leftovers of a killed earlier writer of ``path`` are removed first, so a crash followed by a
+    rerun leaves no temporary file behind.
+    """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
+    _remove_stale_temps(target)
+    fd, tmp_path = _locked_temp(target)
     try:
         yield tmp_path
         os.replace(tmp_path, target)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -243,11 +295,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
 
 def iter_jsonl(path: str | Path, model: type[Record]) -> Iterator[Record]:
     """Yield validated records from a JSONL file; blank lines are skipped."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
+    path = require_file(path)
     with open(path, "rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"line {lineno}"
@@ -315,9 +363,7 @@ def write_parquet(path: str | Path, records: Iterable[BaseModel], model: type[Ba
 
 
 def read_parquet(path: str | Path, model: type[Record]) -> list[Record]:
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
+    path = require_file(path)
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as err:

@@ -7,12 +7,13 @@ pipeline config find them by name; adding a format is adding one module with one
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.records import Dialogue
 
 ReaderFn = Callable[..., list[Dialogue]]
@@ -43,8 +44,9 @@ def register_reader(
     return wrap
 
 
-def read_dialogues(fmt: str, path: str | Path, **options: Any) -> list[Dialogue]:
-    """Read ``path`` in format ``fmt``; bad input raises InputError naming file, place and field."""
+def reader_for(fmt: str, options: Iterable[str] = ()) -> Reader:
+    """The reader of ``fmt``; an unknown format, or an option it does not take, is bad input
+    (configs check this when they load, before any stage runs)."""
     reader = READERS.get(fmt)
     if reader is None:
         raise InputError(None, f"unknown format {fmt!r}; known: {', '.join(sorted(READERS))}")
@@ -52,11 +54,13 @@ def read_dialogues(fmt: str, path: str | Path, **options: Any) -> list[Dialogue]
     if unknown:
         allowed = ", ".join(reader.options) or "none"
         raise InputError(None, f"format {fmt!r} has no option {unknown[0]!r} (options: {allowed})")
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
-    if path.is_dir():
-        raise InputError(path, "is a directory, expected a file")
+    return reader
+
+
+def read_dialogues(fmt: str, path: str | Path, **options: Any) -> list[Dialogue]:
+    """Read ``path`` in format ``fmt``; bad input raises InputError naming file, place and field."""
+    reader = reader_for(fmt, options)
+    path = require_file(path)
     dialogues = reader.fn(path, **options)
     seen: set[str] = set()
     for dialogue in dialogues:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from persona_align.data.text import read_csv_rows, read_text
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.prompting import (
     ExtractionMode,
     Variant,
@@ -77,9 +78,7 @@ def import_responses(
     JSONL outputs for ids that are not among ``dialogues`` are an error (a typo would silently
     turn into failures), unless ``subset``: the dialogues are a part of what the file answers.
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(path, "file does not exist")
+    path = require_file(path)
     name = responder or path.stem
     if path.suffix.lower() == ".csv":
         rows = list(read_csv_rows(path, ("gen_response",)))
@@ -102,9 +101,11 @@ def import_responses(
         ]
     by_id = {d.id: d for d in dialogues}
     found: dict[str, Candidate] = {}
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [(n, line) for n, line in enumerate(read_text(path).splitlines(), start=1)
+             if line.strip()]  # fmt: skip
+    if not lines:
+        raise InputError(path, "no responses")
+    for lineno, line in lines:
         where = f"line {lineno}"
         try:
             obj = json.loads(line)

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from persona_align.data.text import read_text
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.records import (
     RECORD_TYPES,
     Candidate,
@@ -24,6 +25,7 @@ from persona_align.records import (
 
 def detect_type(path: Path) -> str:
     """Guess the record type of a JSONL/Parquet file from the keys of its first record."""
+    require_file(path)
     if path.suffix.lower() in {".parquet", ".pq"}:
         import pyarrow.parquet as pq
 
@@ -58,7 +60,10 @@ def load(path: Path, kind: str) -> list[BaseModel]:
         raise InputError(
             None, f"unknown record type {kind!r}; known: auto, {', '.join(RECORD_TYPES)}"
         )
-    return read_records(path, RECORD_TYPES[kind])
+    records = read_records(path, RECORD_TYPES[kind])
+    if not records:
+        raise InputError(path, f"no {kind} records")
+    return records
 
 
 def _spread(values: list[float]) -> dict[str, float]:
@@ -108,10 +113,13 @@ def describe(records: list[BaseModel]) -> dict[str, Any]:
         responders = {}
         for name, items in by_responder.items():
             latencies = [c.latency_s for c in items if c.latency_s is not None]
+            valid = sum(c.valid for c in items)
+            answered = sum(c.error is None for c in items)  # a call error is not a model failure
             entry: dict[str, Any] = {
                 "candidates": len(items),
-                "valid": sum(c.valid for c in items),
-                "failure_ratio": round(1 - sum(c.valid for c in items) / len(items), 4),
+                "valid": valid,
+                "errors": len(items) - answered,
+                "failure_ratio": round(1 - valid / answered, 4) if answered else None,
                 "mean_latency_s": round(fmean(latencies), 4) if latencies else None,
             }
             if isinstance(items[0], ScoredCandidate):

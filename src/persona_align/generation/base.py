@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import Any, ClassVar, get_type_hints
+
+from pydantic import TypeAdapter, ValidationError
 
 from persona_align.errors import InputError
 from persona_align.prompting import ExtractionMode, Variant
@@ -61,6 +64,9 @@ class Responder(ABC):
     """
 
     kind: ClassVar[str]
+    # Whether answers go to the generation cache. Responders that read their replies from files
+    # say no: their errors (no reply in the file) are not calls a rerun could retry.
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -92,16 +98,43 @@ def register_responder(kind: str) -> Callable[[ResponderFactory], ResponderFacto
 
 
 def make_responder(kind: str, **options: Any) -> Responder:
-    """Build a responder from config: ``kind`` names the registry entry."""
+    """Build a responder from config: ``kind`` names the registry entry.
+
+    The options are checked against the factory's signature and type hints first (a YAML
+    ``timeout: soon`` is bad input naming its key, not a TypeError deep inside), so that any
+    TypeError the factory raises stays a bug.
+    """
     factory = RESPONDERS.get(kind)
     if factory is None:
         raise InputError(
             None, f"unknown responder {kind!r}; known: {', '.join(sorted(RESPONDERS))}"
         )
-    try:  # check the options against the signature, so other TypeErrors inside stay bugs
+    try:
         inspect.signature(factory).bind(**options)
-        return factory(**options)
     except TypeError as err:
-        if "argument" not in str(err):
-            raise
         raise InputError(None, f"responder {kind!r}: {err}") from None
+    hints = get_type_hints(factory.__init__ if isinstance(factory, type) else factory)
+    for name, value in options.items():
+        try:
+            options[name] = TypeAdapter(hints.get(name, Any)).validate_python(value)
+        except ValidationError as err:
+            message = err.errors()[0]["msg"]
+            raise InputError(
+                None, f"responder {kind!r}: {message}, got {value!r}", field=name
+            ) from None
+    return factory(**options)
+
+
+def make_responders(
+    entries: Sequence[tuple[str, dict[str, Any]]], source: Path | None, key: str | None
+) -> list[Responder]:
+    """Build each (kind, options) entry of a config's responder list; a bad one is reported
+    with the file and its key (``generate.responders.1.timeout``)."""
+    made = []
+    for index, (kind, options) in enumerate(entries):
+        try:
+            made.append(make_responder(kind, **options))
+        except InputError as err:
+            field = ".".join(p for p in (f"{key}.{index}" if key else None, err.field) if p)
+            raise InputError(source or err.path, err.message, field=field) from None
+    return made

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from persona_align.files import open_sqlite
 from persona_align.generation.base import Result
 
 _SCHEMA = """
@@ -38,9 +38,7 @@ def cache_key(settings: dict[str, Any], params: dict[str, Any], prompt_hash: str
 class GenerationCache:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_sqlite(self.path)
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute(_SCHEMA)
         self._db.commit()

@@ -7,6 +7,7 @@ from typing import Any
 
 from persona_align.data.responses import import_responses
 from persona_align.errors import InputError
+from persona_align.files import require_file
 from persona_align.generation.base import (
     GenerationParams,
     OnResult,
@@ -48,8 +49,7 @@ class ImportResponder(Responder):
         return {"kind": self.kind, "path": str(self.path)}
 
     def prepare(self) -> None:
-        if not self.path.exists():
-            raise InputError(self.path, "file does not exist")
+        require_file(self.path)
 
     def generate(
         self, requests: list[Request], params: GenerationParams, on_result: OnResult

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
-from persona_align.errors import InputError
+from persona_align.errors import InputError, redact_url
 from persona_align.generation.base import (
     GenerationParams,
     OnResult,
@@ -69,6 +69,18 @@ def _openai() -> Any:
             None, "the openai responder needs the 'openai' package: pip install openai"
         ) from None
     return openai
+
+
+def _check_url(url: str, shown: str) -> None:
+    """Refuse a base URL the HTTP client would choke on (no host, a port that is no number)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as err:
+        raise InputError(None, f"responder 'openai': {shown}: {err}", field="base_url") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InputError(None, f"responder 'openai': {shown} is not an http(s) URL with a host",
+                         field="base_url")  # fmt: skip
 
 
 def _error_name(err: BaseException) -> str:
@@ -138,6 +150,8 @@ class OpenAIResponder(Responder):
         # Explicit, not OPENAI_BASE_URL: the server is part of the cache key, so the config
         # must name it.
         self.base_url = (base_url or OPENAI_API_URL).rstrip("/")
+        self.shown_url = redact_url(self.base_url)  # what messages and logs show
+        _check_url(self.base_url, self.shown_url)
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout = timeout
@@ -147,9 +161,8 @@ class OpenAIResponder(Responder):
         self._api_key: _Secret | None = None
 
     def __repr__(self) -> str:
-        return (
-            f"OpenAIResponder(name={self.name!r}, model={self.model!r}, base_url={self.base_url!r})"
-        )
+        shown = f"name={self.name!r}, model={self.model!r}, base_url={self.shown_url!r}"
+        return f"OpenAIResponder({shown})"
 
     def settings(self) -> dict[str, Any]:
         return {"kind": self.kind, "model": self.model, "base_url": self.base_url}
@@ -178,7 +191,7 @@ class OpenAIResponder(Responder):
         raise InputError(
             None,
             f"environment variable {self.api_key_env} is not set; "
-            f"it must hold the API key for {self.base_url}",
+            f"it must hold the API key for {self.shown_url}",
         )
 
     def _client(self, timeout: float) -> openai.AsyncOpenAI:
@@ -195,21 +208,22 @@ class OpenAIResponder(Responder):
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
                 raise InputError(
                     None,
-                    f"server at {self.base_url} rejected the API key in {self.api_key_env} "
+                    f"server at {self.shown_url} rejected the API key in {self.api_key_env} "
                     f"(HTTP {err.status_code})",
                 ) from None
             except openai.NotFoundError:
                 raise InputError(
                     None,
-                    f"no OpenAI-compatible API at {self.base_url} (GET /models: HTTP 404); "
+                    f"no OpenAI-compatible API at {self.shown_url} (GET /models: HTTP 404); "
                     "does base_url end in /v1?",
                 ) from None
             except openai.APIStatusError as err:
-                log.debug("GET %s/models answered HTTP %d", self.base_url, err.status_code)
+                log.debug("GET %s/models answered HTTP %d", self.shown_url, err.status_code)
             except openai.APIConnectionError as err:
                 raise InputError(
                     None,
-                    f"cannot reach OpenAI-compatible server at {self.base_url}: {_error_name(err)}",
+                    f"cannot reach OpenAI-compatible server at {self.shown_url}: "
+                    f"{_error_name(err)}",
                 ) from None
 
     async def _generate_all(

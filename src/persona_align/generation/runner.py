@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from persona_align.errors import CallsFailed
 from persona_align.generation.base import GenerationParams, Request, Responder, Result
 from persona_align.generation.cache import GenerationCache, cache_key
 from persona_align.prompting import extract_response, messages_hash, persobench_messages
@@ -93,7 +95,7 @@ def run_responder(
     that ask their own questions (PAL's no-persona replies); ``label`` names the progress bar.
     """
     requests = build_requests(dialogues, responder, params, prompt)
-    cacheable = cache is not None and getattr(responder, "cacheable", True)
+    cacheable = cache is not None and responder.cacheable
     results: dict[str, Result] = {}
     if cacheable and not refresh:
         results = cache.get_many(r.key for r in requests)  # type: ignore[union-attr]
@@ -147,18 +149,35 @@ def run_responders(
     console: Console | None = None,
 ) -> list[Candidate]:
     """Every responder over every dialogue, through one cache (default: the user cache's
-    ``generations.sqlite``). All responders start first, so one that cannot start (unknown
-    model, missing key) fails before any work is done."""
+    ``generations.sqlite``). The cache opens and all responders start first, so a cache that
+    cannot be written or a responder that cannot start (unknown model, missing key) fails
+    before any work is done."""
     from persona_align.models import cache_dir
 
-    for responder in responders:
-        responder.prepare()
     store = GenerationCache(cache_path or cache_dir() / "generations.sqlite") if use_cache else None
     candidates: list[Candidate] = []
     try:
+        for responder in responders:
+            responder.prepare()
         for responder in responders:
             candidates += run_responder(dialogues, responder, params, store, refresh, console)
     finally:
         if store is not None:
             store.close()
     return candidates
+
+
+def check_calls(candidates: Sequence[Candidate], responders: Sequence[Responder]) -> None:
+    """Raise CallsFailed when calls a rerun would retry (a server's, a model's) still failed
+    after their retries; their candidates carry the error and are never scored."""
+    retried = {r.name for r in responders if r.cacheable}
+    failed = Counter(
+        (c.responder, c.error) for c in candidates if c.error is not None and c.responder in retried
+    )
+    if failed:
+        calls = sum(1 for c in candidates if c.responder in retried)
+        what = ", ".join(f"{name}: {error} x{n}" for (name, error), n in failed.most_common())
+        raise CallsFailed(
+            f"{failed.total()} of {calls} model calls still failed after retries ({what}); "
+            "rerun to retry them"
+        )

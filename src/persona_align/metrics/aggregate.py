@@ -29,16 +29,22 @@ def summarize(
     """Per responder: counts, failure ratio, mean latency and each metric's mean ± std and CI.
 
     Failures carry their metric's worst value (PersoBench), so they are part of the means;
-    ``valid_mean`` is the mean over valid replies alone. When ``dist-1``/``dist-2`` are among
-    the metrics, ``corpus`` adds the system-level Dist-n over all valid replies.
+    ``valid_mean`` is the mean over valid replies alone. Candidates with a call error (a server
+    down: no reply came back) are not the model's failures: they are left out of every number
+    and counted in ``errors``. When ``dist-1``/``dist-2`` are among the metrics, ``corpus`` adds
+    the system-level Dist-n over all valid replies.
     """
     corpus_n = [n for n in (1, 2) if f"dist-{n}" in metrics]
     groups: dict[str, dict[str, Any]] = {}
     for c in scored:
         g = groups.setdefault(
             c.responder,
-            {"n": 0, "valid": 0, "latency": [], "values": {}, "valid_values": {}, "replies": []},
-        )
+            {"n": 0, "valid": 0, "errors": 0, "latency": [], "values": {}, "valid_values": {},
+             "replies": []},
+        )  # fmt: skip
+        if c.error is not None:
+            g["errors"] += 1
+            continue
         if corpus_n and c.response is not None:
             g["replies"].append(c.response)
         g["n"] += 1
@@ -55,7 +61,8 @@ def summarize(
     for responder, g in groups.items():
         entry: dict[str, Any] = {
             "responses": g["n"],
-            "failure_ratio": 1 - g["valid"] / g["n"],
+            "errors": g["errors"],
+            "failure_ratio": 1 - g["valid"] / g["n"] if g["n"] else None,
             "mean_latency_s": float(np.mean(g["latency"])) if g["latency"] else None,
             "metrics": {},
         }

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from persona_align.errors import InputError
+from persona_align.files import open_sqlite
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable
 from persona_align.records import Candidate, Dialogue, ScoredCandidate
 
@@ -31,9 +31,7 @@ class ScoreCache:
     """SQLite map from (metric settings, inputs) hash to a value (NULL = not computable)."""
 
     def __init__(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db = open_sqlite(path)
         self._db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value REAL)")
         self._db.commit()
 
@@ -89,7 +87,8 @@ def score_stream(
     chunk_size: int = 512,
     source: str | Path | None = None,
 ) -> Iterator[ScoredCandidate]:
-    """Yield one ScoredCandidate per candidate, in order; failures get each metric's worst value."""
+    """Yield one ScoredCandidate per candidate, in order; failures get each metric's worst value,
+    candidates with a call error (no reply came back) no value at all."""
     live = [
         (m, json.dumps(m.settings(), sort_keys=True))
         for m, s in zip(metrics, statuses, strict=True)
@@ -115,6 +114,8 @@ def score_stream(
             column = values[metric.name]
             todo: list[int] = []
             for i, item in enumerate(items):
+                if item.candidate.error is not None:
+                    continue  # no reply came back (a server down): nothing of the model's to score
                 if not item.candidate.valid:
                     column[i] = metric.failure_value
                 elif metric.needs_reference and not (item.dialogue.reference or "").strip():

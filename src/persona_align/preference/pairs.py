@@ -107,7 +107,8 @@ def _content(candidate: ScoredCandidate, response_format: str) -> str:
 def build_pairs(
     dialogues: dict[str, Dialogue], scored: Iterable[ScoredCandidate], config: PairingConfig
 ) -> list[PreferencePair]:
-    """Pairs for every dialogue, in dialogue order; deterministic for a given seed."""
+    """Pairs for every dialogue, in dialogue order; deterministic for a given seed. Candidates
+    with a call error (no reply came back) are neither chosen nor rejected."""
     config.check()
     groups: dict[str, list[ScoredCandidate]] = {}
     for index, candidate in enumerate(scored, start=1):
@@ -115,6 +116,8 @@ def build_pairs(
             raise InputError(
                 None, f"scored record {index} answers unknown dialogue {candidate.dialogue_id!r}"
             )
+        if candidate.error is not None:
+            continue
         if candidate.total is None and config.rule != "format":
             raise InputError(
                 None,

@@ -24,6 +24,7 @@ from persona_align.data import read_dialogues
 from persona_align.data.responses import Extraction, import_responses
 from persona_align.data.stats import detect_type
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -31,7 +32,7 @@ from persona_align.records import (
     read_records,
     write_records,
 )
-from persona_align.report.summary import MetricInfo, metric_info
+from persona_align.report.summary import MetricInfo, check_answered, metric_info
 from persona_align.report.writer import write_report
 
 DEFAULT_METRICS = ("c", "ue", "p", "lfc", "dist-1", "dist-2", "bleu-1", "rouge-l")
@@ -246,12 +247,15 @@ def run_bench(
     unknown = sorted(set(options or {}) - set(metrics))
     if unknown:
         raise InputError(None, f"--opt names metric {unknown[0]!r}, which is not in --metrics")
+    check_output_folder(out_dir)
     timings: dict[str, float] = {}
     began = time.perf_counter()
     dialogues = read_dialogues("jsonl", dialogues_path)
     if not dialogues:
         raise InputError(dialogues_path, "no dialogues")
     systems = load_systems(system_args, dialogues, extraction)
+    for system in systems:  # now, not after scoring the others
+        check_answered(system.name, system.records)
     if baseline is not None and baseline not in {s.name for s in systems}:
         names = ", ".join(s.name for s in systems)
         raise InputError(None, f"--baseline {baseline!r} is not a system; systems: {names}")

@@ -86,14 +86,16 @@ def sections(
             f"metrics: {', '.join(metrics) or 'none'}. Means ± population standard deviation "
             "over all replies; a failed reply (no extractable response) carries each metric's "
             "worst value (PersoBench's convention), so the failure ratio is part of every mean. "
+            "A call that failed (a server down: no reply came back) is not the model's failure: "
+            "it is left out of every number and counted under call errors. "
             f"Time: mean response time. Intervals: percentile bootstrap over replies, {n_boot} "
             "resamples.",
         )
     ]
     results = Section(
         "Results",
-        header=["system", "replies", "failure ratio", "time (s)", *metrics],
-        right=set(range(1, 4 + len(metrics))),
+        header=["system", "replies", "call errors", "failure ratio", "time (s)", *metrics],
+        right=set(range(1, 5 + len(metrics))),
     )
     intervals = Section(
         "Bootstrap 95% intervals of the means",
@@ -106,6 +108,7 @@ def sections(
             [
                 system,
                 str(entry["responses"]),
+                str(entry["errors"]),
                 _num(entry[FAILURE]),
                 _num(entry["mean_latency_s"], 2),
                 *(_metric_cell(summary, system, m, "mean") for m in metrics),

@@ -2,8 +2,9 @@
 
 Per system: mean ± population std and bootstrap 95% interval of every metric (from
 :func:`persona_align.metrics.aggregate.summarize`), failure ratio with its own interval, mean
-response time. Across systems: a PersoBench-style ranking and, against a named baseline, paired
-differences with bootstrap intervals and randomization p-values
+response time, and the call errors (no reply came back), which are left out of all of these.
+Across systems: a PersoBench-style ranking and, against a named baseline, paired differences
+with bootstrap intervals and randomization p-values
 (:func:`persona_align.metrics.aggregate.paired_test`).
 """
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from persona_align.errors import InputError
 from persona_align.metrics.aggregate import bootstrap_ci, paired_test, summarize
-from persona_align.records import ScoredCandidate
+from persona_align.records import Candidate, ScoredCandidate
 
 FAILURE = "failure_ratio"
 
@@ -111,6 +112,8 @@ def _per_dialogue(records: Sequence[ScoredCandidate], key: str) -> dict[str, flo
     """One value per dialogue (the mean when a system answered a dialogue more than once)."""
     sums: dict[str, list[float]] = {}
     for c in records:
+        if c.error is not None:  # no reply came back: nothing of the model's to compare
+            continue
         value = float(not c.valid) if key == FAILURE else c.scores.get(key)
         if value is not None:
             sums.setdefault(c.dialogue_id, []).append(float(value))
@@ -141,6 +144,15 @@ def compare_to_baseline(
     return out
 
 
+def check_answered(system: str, records: Sequence[Candidate]) -> None:
+    """Refuse a system none of whose calls came back: it has no reply to report on."""
+    if all(r.error is not None for r in records):
+        raise InputError(
+            None, f"system {system!r}: all {len(records)} of its calls failed (every candidate "
+            "holds an error); rerun generate to retry them",
+        )  # fmt: skip
+
+
 def build_summary(
     systems: Mapping[str, Sequence[ScoredCandidate]],
     infos: Sequence[MetricInfo],
@@ -156,9 +168,11 @@ def build_summary(
     for system, records in systems.items():
         if not records:
             raise InputError(None, f"system {system!r} has no replies")
+        check_answered(system, records)
+        answered = [r for r in records if r.error is None]
         relabelled = [r.model_copy(update={"responder": system}) for r in records]
         entry = summarize(relabelled, names, n_boot=n_boot, seed=seed)[system]
-        failures = [float(not r.valid) for r in records]
+        failures = [float(not r.valid) for r in answered]
         entry["failure_ci95"] = bootstrap_ci(failures, n_boot, seed)
         entry["dialogues"] = len({r.dialogue_id for r in records})
         table[system] = entry

@@ -27,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from persona_align.config import TrainConfig
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder, require_file
 from persona_align.models import ADAPTER_META, load_causal_lm
 from persona_align.records import Message, atomic_open
 from persona_align.training.curves import (
@@ -65,11 +66,12 @@ def device_defaults() -> DeviceDefaults:
 
 
 def run_paths(config: TrainConfig) -> tuple[Path, Path]:
-    """(data file, run folder); both are required once a trainer actually runs."""
+    """(data file, run folder); both are required once a trainer actually runs, and checked
+    before the model loads."""
     for key in ("data", "output_dir"):
         if getattr(config, key) is None:
             raise InputError(None, "missing", field=f"train.{key}")
-    return Path(config.data), Path(config.output_dir)  # type: ignore[arg-type]
+    return require_file(config.data), check_output_folder(config.output_dir)  # type: ignore[arg-type]
 
 
 def trainer_arguments(config: TrainConfig) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.metrics.nli import quiet_transformers
 from persona_align.models import resolve
 
@@ -108,6 +109,7 @@ def check_output(out: Path) -> None:
     )
     if out.exists() and not replaceable:
         raise InputError(out, "exists and is not an adapter folder; refusing to replace it")
+    check_output_folder(out.parent)  # the folder is built beside it, then renamed
 
 
 def fit_pair_classifier(

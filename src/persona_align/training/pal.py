@@ -40,6 +40,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from persona_align.config import PALConfig, TrainConfig
 from persona_align.data import read_dialogues
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.generation.base import GenerationParams
 from persona_align.generation.cache import GenerationCache
 from persona_align.preference.pal import (
@@ -217,11 +218,11 @@ def train_pal(
     from persona_align.training.dpo import train_dpo  # torch, TRL: only when training
     from persona_align.training.sft import train_sft
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dialogues, digest = load_dialogues(
         Path(config.dialogues), config.format, config.max_dialogues, "pal.dialogues"
     )
+    out = check_output_folder(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     data = config.data
     prints: dict[str, str] = {}
     prints["labels"] = fingerprint(digest, config.format, config.max_dialogues, config.nli)

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from persona_align.config import SBSSection
 from persona_align.errors import InputError
+from persona_align.files import check_output_folder
 from persona_align.preference.sbs import build_sbs_dataset
 from persona_align.records import SFTExample, write_records
 from persona_align.training.pal import (
@@ -41,11 +42,11 @@ def train_sbs(
     """
     from persona_align.training.sft import train_sft  # torch, TRL: only when training
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     dialogues, digest = load_dialogues(
         Path(config.dialogues), config.format, config.max_dialogues, "sbs.dialogues"
     )
+    out = check_output_folder(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     prints = {"augment": fingerprint(digest, config.format, config.max_dialogues,
                                      config.data.model_dump())}  # fmt: skip
     prints["train"] = fingerprint(prints["augment"], config.model, config.train.model_dump())

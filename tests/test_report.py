@@ -286,6 +286,19 @@ def test_unavailable_metric_is_reported_not_scored(cli, two_systems) -> None:
     assert rows["alpha"][-1] == "unavailable" and rows["beta"][-1] == "unavailable"
 
 
+def test_metric_table_shows_the_settings_the_values_were_computed_with(cli, two_systems) -> None:
+    result = _bench(cli, two_systems, "--metrics", "lfc,dist-1", "--opt", "lfc.target=4")
+    assert result.code == 0, result.err
+    markdown = (two_systems["dir"] / "report" / "report.md").read_text()
+    block = markdown.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("|")}
+    assert "| target=4, format_bonus=0.3 |" in rows["lfc"]
+    assert "| - | - | available |" in rows["dist-1"]  # no model, nothing to set
+    summary = json.loads((two_systems["dir"] / "report" / "summary.json").read_text())
+    settings = summary["metrics"]["lfc"]["settings"]
+    assert settings == {"name": "lfc", "target": 4, "format_bonus": 0.3}
+
+
 def test_default_metric_list_matches_the_cli() -> None:
     from persona_align.commands_report import DEFAULT_METRICS as CLI_DEFAULT
 

@@ -422,7 +422,12 @@ def score(
         "command": "score",
         "output": str(output),
         "metrics": {
-            s.name: {"model": s.model, "available": s.available, "reason": s.reason}
+            s.name: {
+                "model": s.model,
+                "available": s.available,
+                "reason": s.reason,
+                "settings": s.settings,
+            }
             for s in statuses
         },
         "systems": table_data,

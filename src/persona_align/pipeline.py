@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
@@ -348,6 +348,7 @@ class Pipeline:
         write_records(target, scored, ScoredCandidate)
         stage.outputs["scored"] = str(target)
         stage.summary["metrics"] = {s.name: s.available for s in statuses}
+        stage.summary["statuses"] = [asdict(s) for s in statuses]
 
     def stage_pairs(self, stage: Stage) -> None:
         from persona_align.data.stats import describe
@@ -418,10 +419,7 @@ class Pipeline:
         stage.outputs["scored"] = str(target)
         stage.summary.update(_per_responder(candidates))
         stage.summary["metrics"] = {s.name: s.available for s in statuses}
-        stage.summary["statuses"] = [
-            {"name": s.name, "model": s.model, "available": s.available, "reason": s.reason}
-            for s in statuses
-        ]
+        stage.summary["statuses"] = [asdict(s) for s in statuses]
 
     def stage_report(self, stage: Stage) -> None:
         from persona_align.report import metric_info, write_report
@@ -517,6 +515,7 @@ class _Status:
     model: str | None
     available: bool
     reason: str | None
+    settings: dict[str, Any] | None = None  # absent from manifests written before it existed
 
 
 def _per_responder(candidates: list[Candidate]) -> dict[str, Any]:

@@ -500,7 +500,10 @@ def pairs(
     margin: Annotated[float, typer.Option(help="margin: minimum gap of total scores.")] = 0.1,
     max_per_dialogue: Annotated[int | None, typer.Option(help="Cap of pairs per dialogue.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the per-dialogue cap sampling.")] = 0,
-    weight: Annotated[str, typer.Option(help="Pair weight: sigmoid (PersoDPO) | one.")] = "sigmoid",
+    weight: Annotated[
+        str,
+        typer.Option(help="Pair weight column (what train dpo uses): sigmoid (PersoDPO) | one."),
+    ] = "sigmoid",
     response_format: Annotated[
         str,
         typer.Option(

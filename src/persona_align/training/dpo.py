@@ -10,7 +10,9 @@ saves no compute there). Relies on ``DPOTrainer._compute_loss``, hence the exact
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,11 +162,37 @@ def _trim(pair: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class WeightedDPOTrainer(DPOTrainer):
-    """DPOTrainer whose loss is the weighted mean of per-pair DPO losses."""
+def _fsdp(args: Any) -> bool:
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+
+def reference_copy(model: Any, args: Any, peft_config: Any) -> Any:
+    """A frozen copy of the policy as loaded when TRL would otherwise rebuild the reference from
+    ``model.config._name_or_path``, else None.
+
+    TRL 1.16 does that for a full fine-tune without precomputed reference log-probs (and under
+    FSDP). For a merged adapter, such as PAL's stage-1 model, that path names the adapter's base,
+    not the model being trained, so DPO would pull towards the wrong model. With LoRA the
+    reference is the model with its adapter disabled, with precomputed log-probs the policy
+    before its first step: both are the model as loaded.
+    """
+    if isinstance(model, str) or peft_config is not None or hasattr(model, "peft_config"):
+        return None
+    if args.precompute_ref_log_probs and not _fsdp(args):
+        return None
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class WeightedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss is the weighted mean of per-pair DPO losses; its reference is
+    always the policy as loaded (see :func:`reference_copy`)."""
+
+    def __init__(self, model: Any, args: DPOConfig, ref_model: Any = None, **kwargs: Any) -> None:
+        if ref_model is None:
+            ref_model = reference_copy(model, args, kwargs.get("peft_config"))
+        super().__init__(model=model, ref_model=ref_model, args=args, **kwargs)
         column = getattr(self.args, "weight_column", None)
         if column is not None:
             for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):

@@ -158,6 +158,9 @@ def test_pal_summary_counts_match_the_files(pal_run: dict[str, Any]) -> None:
     candidates = read_records(run / "eval" / "candidates.jsonl", Candidate)
     assert evaluation["replies"] == len(candidates) == 2
     assert evaluation["selection"]["n"] == 2
+    assert evaluation["selection"]["always_none_exact_accuracy"] is not None
+    answers = summary["sft"]["select_answers"]
+    assert answers["none"] == answers["persona"] == summary["sft"]["examples"]["select"] / 2
     assert evaluation["selection_mode"] == "predicted"
 
 

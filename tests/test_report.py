@@ -299,6 +299,24 @@ def test_metric_table_shows_the_settings_the_values_were_computed_with(cli, two_
     assert settings == {"name": "lfc", "target": 4, "format_bonus": 0.3}
 
 
+def test_already_extracted_replies_read_as_json_get_a_one_line_warning(cli, two_systems) -> None:
+    folder = two_systems["dir"]
+    _write_csv(folder / "extracted.csv", ["I am fine.", "Tea, always.", "Oslo."], [1.0] * 3)
+    args = ["bench", "-d", two_systems["dialogues"], "-s", folder / "extracted.csv",
+            folder / "alpha.jsonl", "-o", folder / "r", "--metrics", "dist-1", "--no-cache",
+            "--json"]  # fmt: skip
+    lenient = cli(*args)
+    assert lenient.code == 0, lenient.err
+    warnings = [line for line in lenient.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        'warning: extracted: 3 of 3 replies (100%) have no extractable {"response": ...}; '
+        "if they were extracted already, use --extraction none"
+    ]  # alpha fails 1 of 3: no warning
+    as_extracted = cli(*args, "--extraction", "none")
+    assert as_extracted.summary["systems"]["extracted"]["failure_ratio"] == 0
+    assert "warning:" not in as_extracted.err
+
+
 def test_default_metric_list_matches_the_cli() -> None:
     from persona_align.commands_report import DEFAULT_METRICS as CLI_DEFAULT
 

@@ -175,6 +175,9 @@ def test_cli_score(cli, tmp_path: Path) -> None:
     scored = read_records(out, ScoredCandidate)
     assert [s.scores["lfc"] for s in scored] == [pytest.approx(1.3), 0.0]
     assert result.summary["systems"]["other"]["failure_ratio"] == 1.0
+    warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: other: 1 of 1 replies (100%)")
+    assert "--extraction none" in warnings[0]
     assert result.summary["metrics"]["lfc"]["available"] is True
     assert result.summary["metrics"]["lfc"]["settings"]["format_bonus"] == 0.3
     bad = cli("score", "-d", dialogues, "-c", cands, "-o", out, "--metrics", "nope")

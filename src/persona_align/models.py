@@ -116,7 +116,8 @@ def file_digest(path: Path) -> str:
     try:
         known = json.loads(store.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        known = {}
+        known = None
+    known = known if isinstance(known, dict) else {}  # missing or damaged: start afresh
     entry = known.get(str(path))
     if isinstance(entry, list) and entry[:2] == stamp:
         return str(entry[2])
@@ -124,6 +125,7 @@ def file_digest(path: Path) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    known = {k: v for k, v in known.items() if os.path.exists(k)}  # forget deleted files
     known[str(path)] = [*stamp, digest.hexdigest()]
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f".{DIGESTS}.{os.getpid()}")

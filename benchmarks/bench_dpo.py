@@ -1,12 +1,13 @@
-"""Seconds per optimizer step and peak memory: our DPO trainer vs TRL's stock full fine-tune.
+"""Seconds per optimizer step and peak memory: our DPO trainer vs TRL's stock trainer.
 
 Same model (the embedded SmolLM2), same pairs, batch and sequence length, same run. Ours is
 the score-weighted trainer with LoRA and precomputed reference log-probs (the reference pass
 runs once before training and is reported apart), with and without running each pair's
 prompt once for both replies (``share_prompt``, the default), and the latter again under bf16
-autocast (``precision: bf16``); the stock baseline is TRL's DPOTrainer fine-tuning every
-weight against a frozen reference copy, in fp32. Each configuration runs in its own process,
-so peak RSS is its own.
+autocast (``precision: bf16``). Two stock baselines, TRL's DPOTrainer in fp32: with the same
+LoRA config and precomputed reference (the fair one: it differs from ours only in our code),
+and fine-tuning every weight against a frozen reference copy. Each configuration runs in its
+own process, so peak RSS is its own.
 
     .venv/bin/python benchmarks/bench_dpo.py [--steps 6] [--batch 2] [--pairs 24]
 """
@@ -23,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 WEIGHT = 0.6  # every pair's: our first loss / WEIGHT must equal the stock first loss
+BASELINES = ("stock-lora-precomputed", "stock-full")  # the fair one first
 CONFIGS = (
-    "stock-full",
+    *BASELINES,
     "ours-lora-precomputed",
     "ours-lora-precomputed-shared-prompt",
     "ours-lora-precomputed-shared-prompt-bf16",
@@ -77,17 +79,20 @@ def run_one(config: str, steps: int, batch: int, pairs: int, out: Path) -> dict[
               "bf16": config.endswith("bf16"), "gradient_checkpointing": False, "report_to": [],
               "save_strategy": "no", "logging_steps": 1, "disable_tqdm": True,
               "max_length": 1024}  # fmt: skip
-    began = time.perf_counter()
-    if config == "stock-full":
-        trainer = DPOTrainer(
-            model=model, args=DPOConfig(**common), processing_class=tokenizer,
-            train_dataset=Dataset.from_list(rows).remove_columns("weight"), callbacks=[Timer()],
-        )  # fmt: skip
-    else:
+    lora = None
+    if "lora" in config:
         from peft import LoraConfig
 
         lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                           task_type="CAUSAL_LM")  # fmt: skip
+    began = time.perf_counter()
+    if config.startswith("stock"):
+        trainer = DPOTrainer(
+            model=model, args=DPOConfig(**common, precompute_ref_log_probs=lora is not None),
+            processing_class=tokenizer, peft_config=lora, callbacks=[Timer()],
+            train_dataset=Dataset.from_list(rows).remove_columns("weight"),
+        )  # fmt: skip
+    else:
         trainer = WeightedDPOTrainer(
             model=model,
             args=WeightedDPOConfig(**common, precompute_ref_log_probs=True,
@@ -136,9 +141,9 @@ def main() -> None:
         if done.returncode != 0:
             sys.exit(f"{config} failed:\n{done.stderr[-3000:]}")
         results[config] = json.loads(done.stdout.strip().splitlines()[-1])
-    stock = results["stock-full"]
+    fair, full = (results[name] for name in BASELINES)
     print(f"embedded SmolLM2-135M, fp32 unless named bf16, batch {args.batch}, {args.steps} steps, "
-          f"~{stock['tokens_per_sequence']:.0f} tokens per sequence")  # fmt: skip
+          f"~{fair['tokens_per_sequence']:.0f} tokens per sequence")  # fmt: skip
     print("| trainer | s / optimizer step | set-up s | train() s outside steps "
           "(reference pass) | peak RSS MB |")  # fmt: skip
     print("|---|---:|---:|---:|---:|")
@@ -146,16 +151,17 @@ def main() -> None:
         print(f"| {name} | {r['s_per_step']:.2f} | {r['setup_s']:.1f} | "
               f"{r['outside_steps_s']:.1f} | {r['peak_rss_mb']:.0f} |")  # fmt: skip
     print()
-    for name in CONFIGS[1:]:
+    for name in CONFIGS[len(BASELINES) :]:
         ours = results[name]
-        step = ours["s_per_step"] / stock["s_per_step"]
-        memory = ours["peak_rss_mb"] / stock["peak_rss_mb"]
-        first, stock_first = ours["losses"][0] / WEIGHT, stock["losses"][0]
+        step = [ours["s_per_step"] / base["s_per_step"] for base in (fair, full)]
+        memory = [ours["peak_rss_mb"] / base["peak_rss_mb"] for base in (fair, full)]
+        first, stock_first = ours["losses"][0] / WEIGHT, fair["losses"][0]
         print(
-            f"{name} / stock: step time {step:.2f}x (target <= 0.5x), peak memory "
-            f"{memory:.2f}x; step-1 loss / weight {first:.5f} vs stock {stock_first:.5f}"
+            f"{name}: step time {step[0]:.2f}x stock LoRA + precomputed reference (the fair "
+            f"baseline), {step[1]:.2f}x stock full fine-tune; peak memory {memory[0]:.2f}x, "
+            f"{memory[1]:.2f}x; step-1 loss / weight {first:.5f} vs stock {stock_first:.5f}"
         )
-    fp32, bf16 = results[CONFIGS[2]], results[CONFIGS[3]]
+    fp32, bf16 = results[CONFIGS[-2]], results[CONFIGS[-1]]
     step = bf16["s_per_step"] / fp32["s_per_step"]
     outside = bf16["outside_steps_s"] / fp32["outside_steps_s"]
     print(f"bf16 / fp32 (shared prompt): step time {step:.2f}x, reference pass {outside:.2f}x")

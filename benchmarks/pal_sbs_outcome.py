@@ -7,8 +7,9 @@ model answers the same dialogues with the PersoBench prompt. Reported per system
 persona sentence, max; failures -1), BLEU-1, ROUGE-L, Dist-1/2 (per reply and over the corpus),
 failure ratio, with bootstrap 95% intervals, and each method's paired difference from the base
 model (bootstrap interval, sign-flip p-value). Persona selection accuracy: PAL's pass 1 against
-the base model's answer to the same select prompt, both scored against persona labels that come
-from NLI (FoCus's CSV carries no persona grounding, so ``label_personas`` falls back to NLI).
+the base model's answer to the same select prompt and against always answering none (the
+majority-class baseline a collapsed select task scores), all scored against persona labels that
+come from NLI (FoCus's CSV carries no persona grounding, so ``label_personas`` falls back to NLI).
 
 Every stage is resumable: rerunning the same command continues where it stopped. ``--quick``
 runs a handful of dialogues with 2 training steps per stage and prints what the full run would
@@ -295,12 +296,15 @@ def report(
     print("\nPersona selection accuracy (PAL's select prompt; labels from NLI):")
     for label in ("base", "pal"):
         acc = selection[label]
-        print(f"  {label}: exact {fmt(acc['exact_accuracy'])}, none-vs-some "
-              f"{fmt(acc['none_vs_some_accuracy'])} (n={acc['n']}, gold none "
+        print(f"  {label}: exact {fmt(acc['exact_accuracy'])} (always none "
+              f"{fmt(acc['always_none_exact_accuracy'])}), none-vs-some "
+              f"{fmt(acc['none_vs_some_accuracy'])} (always {acc['majority_class']} "
+              f"{fmt(acc['majority_none_vs_some_accuracy'])}) (n={acc['n']}, gold none "
               f"{acc['gold_none']}, predicted none {acc['predicted_none']})")  # fmt: skip
-    test = selection["paired"]
-    print(f"  pal - base: {fmt(test['mean_diff'])} [{fmt(test['ci95_low'])}, "
-          f"{fmt(test['ci95_high'])}] p={fmt(test['p_value'], 4)}")  # fmt: skip
+    for name, key in (("pal - base", "paired"), ("pal - always none", "pal_vs_always_none")):
+        test = selection[key]
+        print(f"  {name}: {fmt(test['mean_diff'])} [{fmt(test['ci95_low'])}, "
+              f"{fmt(test['ci95_high'])}] p={fmt(test['p_value'], 4)}")  # fmt: skip
     if unavailable:
         print(f"\nunavailable metrics: {unavailable}")
     return {"summary": summary, "paired": paired, "selection": selection,
@@ -373,10 +377,13 @@ def main() -> None:
     }
     pal_selections = read_records(args.work / "pal" / "eval" / "selections.jsonl", Selection)
     base_acc, base_hits = base_selection(args, held_out, labels, timings)
+    pal_hits = hits(pal_selections, labels)
+    always_none = {k: float(not labels[k].indices) for k in pal_hits}  # the majority answer
     selection = {
         "base": base_acc,
         "pal": pal["evaluate"]["selection"],
-        "paired": paired_test(hits(pal_selections, labels), base_hits),
+        "paired": paired_test(pal_hits, base_hits),
+        "pal_vs_always_none": paired_test(pal_hits, always_none),
     }
     results = report(systems, summary, scored, unavailable, selection)
     results |= {"args": {k: str(v) for k, v in vars(args).items()}, "pal": pal, "sbs": sbs}

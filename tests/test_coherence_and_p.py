@@ -1,11 +1,14 @@
-"""Coherence (coh-unieval, coh-smollm2) and P score on small models built offline."""
+"""Coherence (coh-unieval, coh-smollm2) and P score on small models built offline, and the
+cache keys of every model-backed metric here (BERTScore and SBS similarity too)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +286,70 @@ def test_p_sentence_backend_with_embedded_minilm() -> None:
     assert same == pytest.approx(1.0, abs=1e-5)
     assert related > unrelated
     assert empty == 0.0
+
+
+def _weights_file(folder: Path) -> Path:
+    return (
+        folder / "vectors.txt"
+        if (folder / "vectors.txt").exists()
+        else folder / "model.safetensors"
+    )
+
+
+def _retrain(folder: Path) -> None:
+    """Different weights saved into the same folder, under the same file name."""
+    path = _weights_file(folder)
+    if path.suffix == ".txt":
+        path.write_text(path.read_text().replace("love 1", "love 2", 1))
+        return
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    save_file(tensors | {name: tensors[name] + 0.5}, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    ("metric", "options", "source"),
+    [
+        ("coh-unieval", {}, "tiny_t5_dir"),
+        ("coh-smollm2", {}, "tiny_llama_dir"),
+        ("p", {"backend": "static"}, "static_vectors_dir"),
+        ("p", {"backend": "sentence"}, "static_vectors_dir"),
+        ("p", {"backend": "word2vec"}, "word_vectors"),
+        ("bertscore", {}, "static_vectors_dir"),
+        ("sbs-sim", {}, "static_vectors_dir"),
+    ],
+)
+def test_cache_key_follows_the_weights_bytes(
+    metric: str,
+    options: dict[str, str],
+    source: str,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retraining into the same folder must not reuse old scores; saving the same weights
+    again (new file times) must."""
+    from persona_align.metrics import make_metric
+
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
+    folder = shutil.copytree(request.getfixturevalue(source), tmp_path / "model")
+    where = (
+        {"vectors": str(folder / "vectors.txt")}
+        if metric == "p" and source == "word_vectors"
+        else {"model": str(folder)}
+    )
+
+    def key() -> str:  # what the scorer keys cached values on
+        instance = make_metric(metric, **options, **where)
+        instance.load()
+        return json.dumps(instance.settings(), sort_keys=True)
+
+    first = key()
+    weights = _weights_file(folder)
+    weights.write_bytes(weights.read_bytes())
+    os.utime(weights, ns=(10**18, 10**18))
+    assert key() == first
+    _retrain(folder)
+    assert key() != first

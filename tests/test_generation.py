@@ -179,6 +179,21 @@ def test_cli_generate_hf_and_resume(cli, tmp_path: Path, tiny_llama_dir: Path) -
     assert (tmp_path / "c.sqlite").stat().st_mtime_ns == mtime  # nothing new was generated
 
 
+def test_cli_generate_warns_when_imported_replies_all_fail_extraction(cli, tmp_path: Path) -> None:
+    dialogues = write_dialogues(tmp_path / "d.jsonl")
+    extracted = tmp_path / "extracted.csv"
+    extracted.write_text("gen_response\n" + "".join(f"reply {i}\n" for i in range(7)))
+    args = ["generate", "-r", f"import:{extracted}", "-d", dialogues, "-o", tmp_path / "c.jsonl",
+            "--no-cache", "--json"]  # fmt: skip
+    lenient = cli(*args)
+    assert lenient.code == 0, lenient.err
+    (warning,) = [line for line in lenient.err.splitlines() if line.startswith("warning:")]
+    assert "extracted: 7 of 7 replies (100%)" in warning and "--import-extraction none" in warning
+    as_extracted = cli(*args, "--import-extraction", "none")
+    assert as_extracted.summary["responders"]["extracted"]["valid"] == 7
+    assert "warning:" not in as_extracted.err
+
+
 def test_cli_generate_config_and_errors(cli, tmp_path: Path, tiny_llama_dir: Path) -> None:
     write_dialogues(tmp_path / "d.jsonl")
     config = tmp_path / "pipeline.yaml"

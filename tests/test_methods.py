@@ -158,6 +158,9 @@ def test_pal_summary_counts_match_the_files(pal_run: dict[str, Any]) -> None:
     candidates = read_records(run / "eval" / "candidates.jsonl", Candidate)
     assert evaluation["replies"] == len(candidates) == 2
     assert evaluation["selection"]["n"] == 2
+    assert evaluation["selection"]["always_none_exact_accuracy"] is not None
+    answers = summary["sft"]["select_answers"]
+    assert answers["none"] == answers["persona"] == summary["sft"]["examples"]["select"] / 2
     assert evaluation["selection_mode"] == "predicted"
 
 
@@ -180,6 +183,27 @@ def test_stage2_trains_on_top_of_the_stage1_model(
     assert not torch.allclose(stage1, base, atol=1e-5)
     stage2 = logits(*load_causal_lm(str(run / "stage2" / "model")))
     assert not torch.allclose(stage2, stage1, atol=1e-6)  # stage 2 loads over stage 1 and moved
+
+
+@pytest.mark.parametrize("precompute", [False, True])
+def test_full_finetune_stage2_takes_the_stage1_model_as_reference(
+    cli, pal_run: dict[str, Any], tmp_path: Path, tiny_llama_dir: Path, precompute: bool
+) -> None:
+    """Without precomputed log-probs TRL rebuilds the reference from the merged stage-1 model's
+    ``_name_or_path``, which names the original base; stage 2 must still pull against stage 1."""
+    run = tmp_path / "pal-run"
+    shutil.copytree(pal_run["folder"] / "pal-run", run, ignore=shutil.ignore_patterns("stage2"))
+    section = pal_section(tiny_llama_dir)
+    del section["evaluate"]
+    section["stage2"] |= {"finetune": "full", "precompute_ref": precompute}
+    result = cli("train", "pal", "--config", write_config(tmp_path, {"pal": section}), "--json")
+    assert result.code == 0, result.err
+    assert result.summary["ran"] == ["stage2"]
+    # first step: policy == reference == the stage-1 model, so no reward and loss log 2
+    first = next(e for e in read_training_log(run / "stage2" / "log.jsonl") if "loss" in e)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert first["loss"] == pytest.approx(math.log(2), rel=1e-5)
 
 
 def test_pal_rerun_skips_finished_stages(

@@ -1,4 +1,5 @@
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -73,3 +74,48 @@ def test_cache_dir_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert models.cache_dir() == tmp_path
     monkeypatch.delenv("PERSONA_ALIGN_CACHE")
     assert models.cache_dir() == Path(os.path.expanduser("~")) / ".cache" / "persona-align"
+
+
+def _rewrite(path: Path, data: bytes, second: int) -> None:
+    """Write ``data`` and give the file its own mtime, as a save some seconds later would."""
+    path.write_bytes(data)
+    os.utime(path, ns=(second * 10**9, second * 10**9))
+
+
+def test_model_version_hashes_the_bytes_not_names_or_times(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    weights = folder / "model.safetensors"
+    _rewrite(weights, bytes(64), 1)
+    first = models.model_version(str(folder))
+    _rewrite(weights, bytes(64), 2)  # saved again: the same bytes, a new mtime
+    assert models.model_version(str(folder)) == first
+    _rewrite(weights, b"\x01" + bytes(63), 3)  # retrained into the same folder, same size
+    retrained = models.model_version(str(folder))
+    assert retrained != first
+    # digests are remembered per path, size and mtime: an unchanged file is not read again
+    _rewrite(weights, b"\x02" + bytes(63), 3)
+    assert models.model_version(str(folder)) == retrained
+    assert str(weights.resolve()) in (tmp_path / "cache" / models.DIGESTS).read_text()
+
+    # an adapter's version includes its base model's: a new base changes what the adapter is
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"task_type": "CAUSAL_LM"}')
+    (adapter / models.ADAPTER_META).write_text(json.dumps({"base_model": str(folder)}))
+    before = models.model_version(str(adapter))
+    _rewrite(weights, bytes(64), 4)
+    assert models.model_version(str(adapter)) != before
+
+
+def test_embedded_model_version_is_its_package_files_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PERSONA_ALIGN_CACHE", str(tmp_path / "cache"))
+    version = models.model_version("embedded-minilm")
+    assert version == models.model_version(models.resolve("embedded-minilm").location)
+    assert len(version) == 16 and "minilm" not in version

@@ -192,7 +192,9 @@ def test_mixture_ratios_are_respected(sample: list[Dialogue]) -> None:
     labels = _all_labelled(sample)
     ratios = {"select": 0.5, "generate-persona": 0.3, "generate-plain": 0.2}
     for max_examples in (None, 40, 17):
-        config = PALDataConfig(ratios=ratios, max_examples=max_examples, seed=3)
+        config = PALDataConfig(
+            ratios=ratios, max_examples=max_examples, seed=3, select_none_share=None
+        )
         examples, summary = build_pal_sft(sample, labels, config)
         total = len(examples)
         assert total == summary["total"]
@@ -205,6 +207,29 @@ def test_mixture_ratios_are_respected(sample: list[Dialogue]) -> None:
             assert count == summary["examples"][task]
             assert abs(count - total * share) < 1
             assert len({e.dialogue_id for e in examples if e.task == task}) == count
+
+
+def test_select_answers_are_balanced_by_default(sample: list[Dialogue]) -> None:
+    """Labels lean to none; trained on them as they are, the select task collapsed to always
+    answering none. By default half the select examples answer none, half name a sentence."""
+    labels = _all_labelled(sample)  # 18 of the 52 labelled none
+
+    def answers(**options: object) -> tuple[int, int]:
+        config = PALDataConfig(ratios={"select": 1.0}, **options)
+        examples, summary = build_pal_sft(sample, labels, config)
+        none = sum(e.completion[0].content == NO_PERSONA for e in examples)
+        assert summary["select_answers"] == {"none": none, "persona": len(examples) - none}
+        assert len({e.dialogue_id for e in examples}) == len(examples)
+        return none, len(examples) - none
+
+    assert answers() == (18, 18)
+    assert answers(select_none_share=0.25) == (11, 34)  # 45 examples: 34 persona is the limit
+    assert answers(select_none_share=None) == (18, 34)  # the labels' own share
+    one_sided = {k: v.model_copy(update={"indices": [0]}) for k, v in labels.items()}
+    with pytest.raises(InputError, match=r"select_none_share 0\.5 needs both answers"):
+        build_pal_sft(sample, one_sided, PALDataConfig())
+    examples, _ = build_pal_sft(sample, one_sided, PALDataConfig(select_none_share=None))
+    assert any(e.task == "select" for e in examples)
 
 
 def test_mixture_counts_never_exceed_what_is_available() -> None:
@@ -464,8 +489,16 @@ def test_selection_accuracy() -> None:
     assert report["exact_accuracy"] == pytest.approx(2 / 4)
     assert report["none_vs_some_accuracy"] == pytest.approx(3 / 4)
     assert report["gold_none"] == 2 and report["predicted_none"] == 1
+    # next to the majority-class baselines: always none gets b and d right
+    assert report["always_none_exact_accuracy"] == pytest.approx(2 / 4)
+    assert report["majority_none_vs_some_accuracy"] == pytest.approx(2 / 4)
+    collapsed = stg.selection_accuracy([sel(k, None) for k in "abc"], labels)
+    assert collapsed["majority_class"] == "persona"  # a and c name a sentence, b none
+    assert collapsed["exact_accuracy"] == collapsed["always_none_exact_accuracy"] == 1 / 3
+    assert collapsed["majority_none_vs_some_accuracy"] == pytest.approx(2 / 3)
     empty = stg.selection_accuracy([], labels)
     assert empty["exact_accuracy"] is None and empty["none_vs_some_accuracy"] is None
+    assert empty["always_none_exact_accuracy"] is None
 
 
 def test_select_then_generate_with_a_tiny_model(

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from persona_align.errors import InputError
+
 STAGES = ["data", "generate", "score", "pairs", "train", "evaluate", "report"]
 
 
@@ -168,6 +170,38 @@ def test_bad_configs_fail_before_any_work(
     assert result.code == 2, result.err
     assert expected in result.err and len(result.err.strip().splitlines()) == 1
     assert not (isolated / "run").exists()  # not even a data stage's .attempt
+
+
+@pytest.mark.parametrize(
+    ("pairs", "weighting", "named"),
+    [
+        ({"weight": "one"}, "sigmoid", "pairs.weight: one"),
+        ({"weight": "sigmoid"}, "one", "pairs.weight: sigmoid"),
+        ({"rule": "format"}, "sigmoid", "the format rule's weight 1"),
+    ],
+)
+def test_contradicting_pair_weights_are_refused(
+    cli, isolated: Path, tiny_llama_dir: Path, pairs: dict, weighting: str, named: str
+) -> None:
+    """The trainer takes the pairs file's weights; a train.weighting that would recompute other
+    ones is a contradiction, refused before any work with both keys named."""
+    config = tiny_config(tiny_llama_dir)
+    config["pairs"] |= pairs
+    config["train"]["weighting"] = weighting
+    result = cli("run", str(write(isolated, config)))
+    assert result.code == 2, result.err
+    assert "field 'train.weighting'" in result.err and named in result.err
+    assert not (isolated / "run" / "generate").exists()
+    config["train"]["weighting"] = "one" if pairs.get("rule") == "format" else pairs["weight"]
+    from persona_align.config import load_config
+    from persona_align.pipeline import check_config
+
+    path = write(isolated, config)
+    check_config(load_config(path), path)  # agreeing settings pass
+    config["pairs"]["weight"] = "sigmoid"
+    if pairs.get("rule") == "format":  # the format rule ignores pairs.weight: refused too
+        with pytest.raises(InputError, match=r"field 'pairs\.weight'"):
+            check_config(load_config(write(isolated, config)), path)
 
 
 @pytest.mark.parametrize("name", ["quickstart", "persodpo", "pal", "sbs"])

@@ -286,6 +286,37 @@ def test_unavailable_metric_is_reported_not_scored(cli, two_systems) -> None:
     assert rows["alpha"][-1] == "unavailable" and rows["beta"][-1] == "unavailable"
 
 
+def test_metric_table_shows_the_settings_the_values_were_computed_with(cli, two_systems) -> None:
+    result = _bench(cli, two_systems, "--metrics", "lfc,dist-1", "--opt", "lfc.target=4")
+    assert result.code == 0, result.err
+    markdown = (two_systems["dir"] / "report" / "report.md").read_text()
+    block = markdown.split("## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split("|")[1].strip(): line for line in block.splitlines() if line.startswith("|")}
+    assert "| target=4, format_bonus=0.3 |" in rows["lfc"]
+    assert "| - | - | available |" in rows["dist-1"]  # no model, nothing to set
+    summary = json.loads((two_systems["dir"] / "report" / "summary.json").read_text())
+    settings = summary["metrics"]["lfc"]["settings"]
+    assert settings == {"name": "lfc", "target": 4, "format_bonus": 0.3}
+
+
+def test_already_extracted_replies_read_as_json_get_a_one_line_warning(cli, two_systems) -> None:
+    folder = two_systems["dir"]
+    _write_csv(folder / "extracted.csv", ["I am fine.", "Tea, always.", "Oslo."], [1.0] * 3)
+    args = ["bench", "-d", two_systems["dialogues"], "-s", folder / "extracted.csv",
+            folder / "alpha.jsonl", "-o", folder / "r", "--metrics", "dist-1", "--no-cache",
+            "--json"]  # fmt: skip
+    lenient = cli(*args)
+    assert lenient.code == 0, lenient.err
+    warnings = [line for line in lenient.err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        'warning: extracted: 3 of 3 replies (100%) have no extractable {"response": ...}; '
+        "if they were extracted already, use --extraction none"
+    ]  # alpha fails 1 of 3: no warning
+    as_extracted = cli(*args, "--extraction", "none")
+    assert as_extracted.summary["systems"]["extracted"]["failure_ratio"] == 0
+    assert "warning:" not in as_extracted.err
+
+
 def test_default_metric_list_matches_the_cli() -> None:
     from persona_align.commands_report import DEFAULT_METRICS as CLI_DEFAULT
 

@@ -73,9 +73,11 @@ def test_lfc_values() -> None:
     strict = candidate("d0", json.dumps({"response": " ".join(["a"] * 15)}))
     wrapped = candidate("d0", "Sure!\n" + json.dumps({"response": " ".join(["a"] * 10)}))
     assert lfc.score([ScoreItem(DIALOGUES["d0"], strict), ScoreItem(DIALOGUES["d0"], wrapped)]) == [
-        pytest.approx(0.75 + 1.0),  # the format bonus fires on the raw output
+        pytest.approx(0.75 + 0.3),  # the format bonus fires on the raw output
         pytest.approx(1.0),  # valid after lenient extraction, but not strict JSON: no bonus
     ]
+    # PersoDPO: w1 > w2, length weighs more than format (the authors' code: 1 and 0.3)
+    assert lfc.settings() == {"name": "lfc", "target": 10.0, "format_bonus": 0.3}
     with pytest.raises(InputError, match="target must be positive"):
         make_metric("lfc", target=0)
     with pytest.raises(InputError, match="unexpected keyword"):
@@ -171,9 +173,13 @@ def test_cli_score(cli, tmp_path: Path) -> None:
                  "--cache", tmp_path / "cache.sqlite", "--json")  # fmt: skip
     assert result.code == 0, result.err
     scored = read_records(out, ScoredCandidate)
-    assert [s.scores["lfc"] for s in scored] == [2.0, 0.0]
+    assert [s.scores["lfc"] for s in scored] == [pytest.approx(1.3), 0.0]
     assert result.summary["systems"]["other"]["failure_ratio"] == 1.0
+    warnings = [line for line in result.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: other: 1 of 1 replies (100%)")
+    assert "--extraction none" in warnings[0]
     assert result.summary["metrics"]["lfc"]["available"] is True
+    assert result.summary["metrics"]["lfc"]["settings"]["format_bonus"] == 0.3
     bad = cli("score", "-d", dialogues, "-c", cands, "-o", out, "--metrics", "nope")
     assert bad.code == 2 and "unknown metric 'nope'" in bad.err
     bad_opt = cli(

@@ -87,11 +87,16 @@ def test_lora_dpo_run_writes_adapter_log_curves_and_summary(
         assert not torch.allclose(trained(ids).logits, base(ids).logits)
 
 
-def test_first_step_loss_is_the_weighted_stock_loss(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    # at step 1 the policy equals the reference, so each pair's DPO loss is log 2
-    train_dpo(config(tmp_path, tiny_llama_dir, weighting="column:weight", max_steps=1))
+@pytest.mark.parametrize(("norm", "weight"), [("none", 0.3), ("mean", 1.0)])
+def test_first_step_loss_is_the_stock_loss_times_the_pairs_file_weight(
+    tmp_path: Path, tiny_llama_dir: Path, norm: str, weight: float
+) -> None:
+    # at step 1 the policy equals the reference, so each pair's DPO loss is log 2; by default
+    # the weight is the file's (0.3 for every pair), not one recomputed from the scores
+    summary = train_dpo(config(tmp_path, tiny_llama_dir, weight_norm=norm, max_steps=1))
+    assert summary["weighting"] == "column:weight" and summary["weight_norm"] == norm
     first = read_training_log(tmp_path / "run" / "log.jsonl")[0]
-    assert first["loss"] == pytest.approx(0.3 * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
+    assert first["loss"] == pytest.approx(weight * torch.log(torch.tensor(2.0)).item(), rel=1e-4)
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(

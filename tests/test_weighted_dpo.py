@@ -37,17 +37,43 @@ def dataset(weights: list[float]) -> Dataset:
     )
 
 
+@pytest.fixture(scope="module")
+def trained(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The tiny model's weights after a few stock DPO steps at a high learning rate.
+
+    At the initial policy every pair's loss is log 2 (policy = reference), so a weight applied
+    to the wrong pair would change nothing; after these steps the pairs' losses differ.
+    """
+    torch.manual_seed(0)
+    args = DPOConfig(output_dir=str(tmp_path_factory.mktemp("steps")), report_to=[],
+                     per_device_train_batch_size=2, max_steps=4, learning_rate=3e-2, beta=0.1,
+                     use_cpu=True, save_strategy="no")  # fmt: skip
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+        args=args,
+        train_dataset=dataset([1.0] * 4).remove_columns("weight"),
+        processing_class=AutoTokenizer.from_pretrained(tiny_llama_dir),
+    )
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
 @pytest.fixture
-def make(tiny_llama_dir: Path, tmp_path: Path):
-    def build(weights: list[float], stock: bool = False, share_prompt: bool = True):
-        torch.manual_seed(0)
+def make(tiny_llama_dir: Path, tmp_path: Path, trained: dict):
+    """A trainer (ours or stock) whose policy is the trained model and whose reference is the
+    initial one, and one collated batch of the four pairs."""
+
+    def build(weights: list[float], stock: bool = False, share_prompt: bool = True, **options: str):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+        model.load_state_dict(trained)
+        reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
         common = {"output_dir": str(tmp_path / ("stock" if stock else "weighted")), "report_to": [],
                   "per_device_train_batch_size": 4, "beta": 0.1, "use_cpu": True}  # fmt: skip
         if stock:
             trainer = DPOTrainer(
                 model=model,
+                ref_model=reference,
                 args=DPOConfig(**common),
                 train_dataset=dataset(weights).remove_columns("weight"),
                 processing_class=tokenizer,
@@ -55,7 +81,8 @@ def make(tiny_llama_dir: Path, tmp_path: Path):
         else:
             trainer = WeightedDPOTrainer(
                 model=model,
-                args=WeightedDPOConfig(**common, share_prompt=share_prompt),
+                ref_model=reference,
+                args=WeightedDPOConfig(**common, share_prompt=share_prompt, **options),
                 train_dataset=dataset(weights),
                 processing_class=tokenizer,
             )
@@ -74,11 +101,24 @@ def test_weighted_loss_is_weighted_mean_of_stock_pair_losses(make) -> None:
     weights = [1.0, 0.0, 0.5, 2.0]
     trainer, batch = make(weights)
     assert batch[WEIGHT_KEY].tolist() == weights
-    loss = trainer.compute_loss(trainer.model, dict(batch))
-    per_pair = stock_pair_losses(make)
-    expected = sum(w * loss_i for w, loss_i in zip(weights, per_pair, strict=True)) / 4
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert len({round(loss_i.item(), 6) for loss_i in per_pair}) > 1  # the weights matter
+    loss = trainer.compute_loss(trainer.model, dict(batch)).item()
+    per_pair = [loss_i.item() for loss_i in stock_pair_losses(make)]
+    assert max(per_pair) - min(per_pair) > 0.05  # the pairs' losses differ: the weights matter
+
+    def weighted_mean(ws: list[float]) -> float:
+        return sum(w * loss_i for w, loss_i in zip(ws, per_pair, strict=True)) / 4
+
+    assert loss == pytest.approx(weighted_mean(weights), rel=1e-5)
+    for shift in (1, 2, 3):  # the same weights on the wrong pairs give another loss
+        assert loss != pytest.approx(weighted_mean(weights[shift:] + weights[:shift]), rel=1e-3)
+
+
+def test_mean_normalised_weights_keep_their_shape_at_mean_one(make) -> None:
+    weights = [1.0, 0.0, 0.5, 2.0]  # mean 0.875
+    _, batch = make(weights, weight_norm="mean")
+    assert batch[WEIGHT_KEY].tolist() == pytest.approx([w / 0.875 for w in weights])
+    _, plain = make(weights)
+    assert plain[WEIGHT_KEY].tolist() == weights
 
 
 def test_all_ones_reproduce_the_stock_trainer(make) -> None:

@@ -23,7 +23,7 @@ from persona_align.commands_methods import train_pal_command, train_sbs_command
 from persona_align.commands_nli import nli_app, train_nli_command
 from persona_align.commands_train import train_dpo_command, train_sft_command
 from persona_align.data import READERS, read_dialogues
-from persona_align.data.responses import import_responses
+from persona_align.data.responses import extraction_warning, import_responses
 from persona_align.data.stats import describe, load
 from persona_align.errors import CallsFailed, InputError
 from persona_align.files import check_output_file, require_file
@@ -65,6 +65,13 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
+
+
+def _warn(system: str, failure_ratio: float, replies: int, option: str) -> None:
+    """A system whose replies nearly all failed extraction: one line on stderr."""
+    line = extraction_warning(system, failure_ratio, replies, option)
+    if line is not None:
+        print(line, file=sys.stderr)
 
 
 def _parse_options(pairs: list[str]) -> dict[str, str]:
@@ -148,6 +155,9 @@ def data_import_responses(
     candidates = import_responses(responses, dialogues, responder, extraction, variant)  # type: ignore[arg-type]
     write_records(output, candidates, Candidate)
     summary = {"command": "data import-responses", "output": str(output)} | describe(candidates)
+    for name, entry in summary["responders"].items():
+        _warn(name, 1 - entry["valid"] / entry["candidates"], entry["candidates"],
+              "--extraction none")  # fmt: skip
     if not as_json:
         valid = sum(c.valid for c in candidates)
         console.print(
@@ -352,6 +362,9 @@ def generate(
                                 refresh, None if as_json else console)  # fmt: skip
     write_records(section.output, candidates, Candidate)
     summary = {"command": "generate", "output": str(section.output)} | describe(candidates)
+    for name, entry in summary["responders"].items():
+        _warn(name, 1 - entry["valid"] / entry["candidates"], entry["candidates"],
+              "--import-extraction none (extraction: none on an import responder)")  # fmt: skip
     if not as_json:
         console.print(f"Wrote {len(candidates)} candidates to {section.output}")
         for name, entry in summary["responders"].items():
@@ -450,11 +463,19 @@ def score(
         "command": "score",
         "output": str(output),
         "metrics": {
-            s.name: {"model": s.model, "available": s.available, "reason": s.reason}
+            s.name: {
+                "model": s.model,
+                "available": s.available,
+                "reason": s.reason,
+                "settings": s.settings,
+            }
             for s in statuses
         },
         "systems": table_data,
     }
+    for system, entry in table_data.items():
+        _warn(system, entry["failure_ratio"], entry["responses"],
+              "--extraction none when importing them (data import-responses)")  # fmt: skip
     if not as_json:
         table = Table(
             title=f"{output}: mean ± std per system", title_justify="left", box=None, padding=(0, 1)
@@ -530,7 +551,10 @@ def pairs(
     margin: Annotated[float, typer.Option(help="margin: minimum gap of total scores.")] = 0.1,
     max_per_dialogue: Annotated[int | None, typer.Option(help="Cap of pairs per dialogue.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the per-dialogue cap sampling.")] = 0,
-    weight: Annotated[str, typer.Option(help="Pair weight: sigmoid (PersoDPO) | one.")] = "sigmoid",
+    weight: Annotated[
+        str,
+        typer.Option(help="Pair weight column (what train dpo uses): sigmoid (PersoDPO) | one."),
+    ] = "sigmoid",
     response_format: Annotated[
         str,
         typer.Option(

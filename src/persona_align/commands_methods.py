@@ -240,6 +240,16 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _selection(accuracy: dict[str, Any]) -> str:
+    """Pass 1's accuracy next to the majority-class baselines it has to beat."""
+    return (
+        f"{_num(accuracy['exact_accuracy'])} (always none: "
+        f"{_num(accuracy['always_none_exact_accuracy'])}); none vs some "
+        f"{_num(accuracy['none_vs_some_accuracy'])} (always {accuracy['majority_class']}: "
+        f"{_num(accuracy['majority_none_vs_some_accuracy'])})"
+    )
+
+
 def _loss(stage: dict[str, Any]) -> str:
     return (
         f"{stage.get('steps')} steps, loss {_num(stage.get('first_loss'))} → "
@@ -282,7 +292,7 @@ def train_pal_command(
     if evaluation:
         rows.append(("held-out replies", {k: evaluation[k] for k in ("replies", "valid")}))
         if "selection" in evaluation:
-            rows.append(("selection accuracy", evaluation["selection"]["exact_accuracy"]))
+            rows.append(("selection accuracy", _selection(evaluation["selection"])))
     _report(summary, rows, as_json)
 
 

@@ -6,6 +6,7 @@ Mounted by ``cli.py`` as the ``bench`` command. The work lives in :mod:`persona_
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from persona_align.data.responses import extraction_warning
 from persona_align.errors import InputError
 from persona_align.files import require_file
 
@@ -123,6 +125,12 @@ def bench_command(
         seed=seed,
         console=None if as_json else console,
     )
+    for system, entry in summary["systems"].items():
+        line = extraction_warning(
+            system, entry["failure_ratio"], entry["responses"], "--extraction none"
+        )
+        if line is not None:
+            print(line, file=sys.stderr)
     files = {name: str(output / name) for name in ("report.md", "report.html", "summary.json")}
     if not as_json:
         console.print(_table(summary))

@@ -102,7 +102,14 @@ def train_dpo_command(
     model: ModelOption = None,
     max_steps: StepsOption = None,
     weighting: Annotated[
-        str | None, typer.Option(help="sigmoid (PersoDPO), one (vanilla DPO) or column:NAME.")
+        str | None,
+        typer.Option(
+            help="column:weight (default: the pairs file's weights), sigmoid (recompute "
+            "PersoDPO's from the scores), one (vanilla DPO) or column:NAME."
+        ),
+    ] = None,
+    weight_norm: Annotated[
+        str | None, typer.Option(help="none | mean (weights scaled to mean 1: same step size).")
     ] = None,
     resume: ResumeFlag = False,
     as_json: JsonFlag = False,
@@ -110,8 +117,8 @@ def train_dpo_command(
     """Score-weighted DPO (PersoDPO) on a pairs file; LoRA by default."""
     from persona_align.training.dpo import train_dpo
 
-    overrides = {"data": data, "output_dir": output_dir, "model": model,
-                 "max_steps": max_steps, "weighting": weighting}  # fmt: skip
+    overrides = {"data": data, "output_dir": output_dir, "model": model, "max_steps": max_steps,
+                 "weighting": weighting, "weight_norm": weight_norm}  # fmt: skip
     _report(train_dpo(train_config("dpo", config, overrides), resume=resume), as_json)
 
 

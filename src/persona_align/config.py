@@ -94,9 +94,15 @@ class TrainConfig(_Section):
     finetune: Literal["lora", "full"] = "lora"
     lora: LoraConfigSection = Field(default_factory=LoraConfigSection)
     weighting: str = Field(
-        "sigmoid",
-        description="dpo: 'sigmoid' of the score gap (PersoDPO), 'one' (vanilla DPO), "
+        "column:weight",
+        description="dpo: the pairs file's weight column (default: what `pairs` wrote), "
+        "'sigmoid' to recompute sigmoid(score_chosen - score_rejected), 'one' (vanilla DPO), "
         "or 'column:NAME' for any numeric column of the pairs file",
+    )
+    weight_norm: Literal["none", "mean"] = Field(
+        "none",
+        description="dpo: 'mean' scales the weights to mean 1 over the pairs trained on, so "
+        "weighting changes how the pairs share the loss, not the step size",
     )
     beta: float = Field(0.1, gt=0)
     learning_rate: float | None = Field(None, gt=0)

@@ -103,24 +103,70 @@ def resolve(name: str) -> ResolvedModel:
     return ResolvedModel(name, "hub", name)
 
 
-def model_version(name: str) -> str:
-    """What identifies the weights behind ``name`` in a cache key.
+DIGESTS = "file-digests.json"
 
-    A local checkpoint is fingerprinted by its files' names, sizes and mtimes, so retraining it
-    invalidates cached scores; embedded models by their package file, hub ids by name.
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes, remembered in the cache folder per (path, size, mtime), so
+    large weights are read once, not at every run; a rewritten file is read again."""
+    path = path.resolve()
+    stat = path.stat()
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    store = cache_dir() / DIGESTS
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = None
+    known = known if isinstance(known, dict) else {}  # missing or damaged: start afresh
+    entry = known.get(str(path))
+    if isinstance(entry, list) and entry[:2] == stamp:
+        return str(entry[2])
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    known = {k: v for k, v in known.items() if os.path.exists(k)}  # forget deleted files
+    known[str(path)] = [*stamp, digest.hexdigest()]
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{DIGESTS}.{os.getpid()}")
+    tmp.write_text(json.dumps(known), encoding="utf-8")
+    os.replace(tmp, store)  # concurrent writers may drop each other's entries: recomputed later
+    return digest.hexdigest()
+
+
+def _tree_digest(root: Path) -> str:
+    """One hash of every file's relative name and bytes under ``root`` (or of the file itself);
+    hidden files and folders (download metadata with timestamps) are left out."""
+    if root.is_file():
+        return file_digest(root)[:16]
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*")):
+        relative = file.relative_to(root)
+        if file.is_file() and not any(part.startswith(".") for part in relative.parts):
+            digest.update(f"{relative.as_posix()}:{file_digest(file)}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def model_version(name: str) -> str:
+    """What identifies the weights behind ``name`` in a cache key: a hash of their bytes.
+
+    Embedded models hash their package's model files, a local folder every file in it (plus
+    its base model's version for a LoRA adapter), so retraining into the same folder changes
+    the version and unchanged bytes keep it. A hub id is its cached snapshot's commit, which
+    the hub derives from the files' hashes.
     """
     resolved = resolve(name)
     embedded = resolved.embedded
     if embedded is not None:
-        return f"{embedded.package}/{embedded.filename or embedded.subdir}"
+        return _tree_digest(Path(resolved.location) / (embedded.filename or ""))
     if resolved.kind == "hub":
-        return resolved.location
-    root = Path(resolved.location)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(root)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()[:16]
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(resolved.location, "config.json")
+        return f"{name}@{Path(cached).parent.name}" if isinstance(cached, str) else name
+    version = _tree_digest(Path(resolved.location))
+    base = adapter_base(resolved.location)
+    return f"{version}+{model_version(base)}" if base is not None else version
 
 
 def _build_once(target: Path, build: Any) -> Path:

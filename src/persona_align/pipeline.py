@@ -18,17 +18,18 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from rich.console import Console
 
-from persona_align.config import STAGES, PipelineConfig, TrainConfig
+from persona_align.config import STAGES, PairsSection, PipelineConfig, TrainConfig
 from persona_align.data import read_dialogues
 from persona_align.errors import CallsFailed, InputError
 from persona_align.files import check_output_folder, require_file
+from persona_align.preference.pairs import PairWeight
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -77,6 +78,8 @@ def check_config(config: PipelineConfig, where: Path) -> None:
             )  # fmt: skip
         if config.pairs is None and config.train.data is None:
             need("train", "pairs", "a DPO stage needs preference pairs (or train.data)")
+        if config.pairs is not None:
+            _check_pair_weights(config.pairs, config.train, where)
     if config.evaluate is not None:
         if config.data is None or config.data.eval is None:
             raise InputError(where, "evaluate needs held-out dialogues", field="data.eval")
@@ -92,6 +95,27 @@ def check_config(config: PipelineConfig, where: Path) -> None:
                              field="evaluate.metrics")  # fmt: skip
     if config.report is not None and config.evaluate is None and config.score is None:
         need("report", "evaluate", "a report needs scored systems")
+
+
+def _check_pair_weights(pairs: PairsSection, train: TrainConfig, where: Path) -> None:
+    """One source of pair weights: the pairs file's weight column. Refuse a train.weighting that
+    recomputes weights other than those the pairs stage writes, and a pairs.weight the rule
+    ignores (``format`` pairs are vanilla DPO: weight 1)."""
+    if pairs.rule == "format" and "weight" in pairs.model_fields_set and pairs.weight != "one":
+        raise InputError(
+            where, f"the format rule writes weight 1 (vanilla DPO); pairs.weight: {pairs.weight} "
+            "would have no effect: drop it", field="pairs.weight",
+        )  # fmt: skip
+    written = "one" if pairs.rule == "format" else pairs.weight
+    if train.weighting in get_args(PairWeight) and train.weighting != written:
+        source = f"pairs.weight: {written}"
+        if pairs.rule == "format":
+            source = "the format rule's weight 1"
+        raise InputError(
+            where, f"train.weighting: {train.weighting} contradicts {source}; the trainer uses the "
+            "pairs file's weight column by default: drop train.weighting, or set pairs.weight",
+            field="train.weighting",
+        )  # fmt: skip
 
 
 def preflight(config: PipelineConfig, where: Path) -> None:
@@ -361,6 +385,7 @@ class Pipeline:
         write_records(target, scored, ScoredCandidate)
         stage.outputs["scored"] = str(target)
         stage.summary["metrics"] = {s.name: s.available for s in statuses}
+        stage.summary["statuses"] = [asdict(s) for s in statuses]
 
     def stage_pairs(self, stage: Stage) -> None:
         from persona_align.data.stats import describe
@@ -431,10 +456,7 @@ class Pipeline:
         stage.outputs["scored"] = str(target)
         stage.summary.update(_per_responder(candidates))
         stage.summary["metrics"] = {s.name: s.available for s in statuses}
-        stage.summary["statuses"] = [
-            {"name": s.name, "model": s.model, "available": s.available, "reason": s.reason}
-            for s in statuses
-        ]
+        stage.summary["statuses"] = [asdict(s) for s in statuses]
 
     def stage_report(self, stage: Stage) -> None:
         from persona_align.report import metric_info, write_report
@@ -538,6 +560,7 @@ class _Status:
     model: str | None
     available: bool
     reason: str | None
+    settings: dict[str, Any] | None = None  # absent from manifests written before it existed
 
 
 def _per_responder(candidates: list[Candidate]) -> dict[str, Any]:

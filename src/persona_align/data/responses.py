@@ -24,6 +24,21 @@ from persona_align.prompting import (
 from persona_align.records import Candidate, Dialogue
 
 Extraction = ExtractionMode | Literal["none"]
+# Above this share of failed replies a system is more likely read wrong than that bad.
+MOSTLY_FAILED = 0.9
+
+
+def extraction_warning(system: str, failure_ratio: float, replies: int, option: str) -> str | None:
+    """One line when more than 90% of a system's replies have no extractable reply. Files of
+    replies that were extracted already (PersoBench's ``Responses/``) read with JSON
+    extraction fail every reply without a word; ``option`` is the command's way to say so."""
+    if not replies or failure_ratio <= MOSTLY_FAILED:
+        return None
+    return (
+        f"warning: {system}: {round(failure_ratio * replies)} of {replies} replies "
+        f'({failure_ratio:.0%}) have no extractable {{"response": ...}}; if they were '
+        f"extracted already, use {option}"
+    )
 
 
 def _latency(path: Path, value: Any, where: str, field: str) -> float | None:

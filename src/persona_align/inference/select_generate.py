@@ -254,12 +254,16 @@ def select_then_generate(
 def selection_accuracy(
     selections: Sequence[Selection], labels: Mapping[str, PersonaLabel]
 ) -> dict[str, Any]:
-    """How often pass 1 picked a labelled sentence, against the persona labels.
+    """How often pass 1 picked a labelled sentence, against the persona labels, next to what
+    answering without looking would score.
 
     ``exact_accuracy``: the selected sentence is one the gold turn uses (any of them when the
-    label names several), or both say none. ``none_vs_some_accuracy``: pass 1 and the label
-    agree on whether any persona sentence applies. Unlabelled dialogues are left out and
-    counted; with nothing to compare, accuracies are None (unknown), never 0.
+    label names several), or both say none; ``always_none_exact_accuracy`` is that of always
+    answering none (the only constant answer that can be exact; a select task that collapsed to
+    the majority answer scores exactly this). ``none_vs_some_accuracy``: pass 1 and the label
+    agree on whether any persona sentence applies; ``majority_none_vs_some_accuracy`` is that
+    of always giving the labels' majority answer (``majority_class``). Unlabelled dialogues are
+    left out and counted; with nothing to compare, accuracies are None (unknown), never 0.
     """
     scored = [(s, labels[s.dialogue_id]) for s in selections if s.dialogue_id in labels]
     exact = sum(
@@ -268,13 +272,17 @@ def selection_accuracy(
     )
     none_some = sum((s.index is None) == (not label.indices) for s, label in scored)
     n = len(scored)
+    gold_none = sum(1 for _, label in scored if not label.indices)
     return {
         "n": n,
         "exact_accuracy": exact / n if n else None,
+        "always_none_exact_accuracy": gold_none / n if n else None,
         "none_vs_some_accuracy": none_some / n if n else None,
+        "majority_class": "none" if 2 * gold_none >= n else "persona",
+        "majority_none_vs_some_accuracy": max(gold_none, n - gold_none) / n if n else None,
         "unlabelled": len(selections) - n,
         "predicted_none": sum(1 for s, _ in scored if s.index is None),
-        "gold_none": sum(1 for _, label in scored if not label.indices),
+        "gold_none": gold_none,
         "methods": dict(Counter(s.method for s in selections)),
     }
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
-from persona_align.models import resolve
+from persona_align.models import model_version, resolve
 from persona_align.records import Dialogue
 
 
@@ -55,6 +55,7 @@ class BERTScore(Metric):
         self.idf = bool(idf)
         self._idf_corpus: list[str] = []
         self._scorer: Any = None
+        self._version: str | None = None
 
     @property
     def model(self) -> str | None:
@@ -67,6 +68,7 @@ class BERTScore(Metric):
         return {
             "name": self.name,
             "model": self._model_name,
+            "version": self._version,
             "num_layers": self.num_layers,
             "idf": idf,
         }
@@ -108,6 +110,7 @@ class BERTScore(Metric):
             )
         except (OSError, ValueError) as err:
             raise self._unloadable(err) from None
+        self._version = model_version(self._model_name)
 
     def _unloadable(self, err: Exception) -> Unavailable:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -1,8 +1,11 @@
 """Length-format compliance (PersoDPO): closeness to a target length plus a JSON format bonus.
 
 LFC = max(0, 1 - ((words - target) / target)^2) + bonus · [raw output is exactly a
-``{"response": ...}`` JSON object]. The bonus is decided on the raw output, not the extracted
-reply: PersoDPO's released code tested the extracted text, so its bonus never fired.
+``{"response": ...}`` JSON object]. PersoDPO defines LFC = w1·s_length + w2·s_format with
+w1 > w2 (length weighs more than format); the authors' code used w1 = 1, w2 = 0.3, the default
+here. The target (the authors' ``avg``) is the mean word count of the gold replies of the
+dialogues scored, unless ``target`` is given. The bonus is decided on the raw output, not the
+extracted reply: PersoDPO's released code tested the extracted text, so its bonus never fired.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ def length_score(words: int, target: float) -> float:
 
 @register_metric("lfc")
 class LFC(Metric):
-    description = "length-format compliance: length near the target + bonus for strict JSON"
+    description = "length-format compliance: length near the target (weight 1) + strict-JSON bonus"
     failure_value = 0.0
 
-    def __init__(self, target: float | None = None, format_bonus: float = 1.0) -> None:
+    def __init__(self, target: float | None = None, format_bonus: float = 0.3) -> None:
         super().__init__()
         if target is not None and target <= 0:
             raise InputError(None, f"metric 'lfc': target must be positive, got {target}")

@@ -33,7 +33,7 @@ import numpy as np
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.loading import first_line, pretrained_source
-from persona_align.models import model_version
+from persona_align.models import file_digest, model_version
 from persona_align.prompting import format_persona
 
 Backend = Literal["static", "sentence", "word2vec"]
@@ -152,8 +152,7 @@ class PersonaDistance(Metric):
         except (OSError, ValueError, UnicodeDecodeError, EOFError) as err:
             kind = "binary" if binary else "text"
             raise Unavailable(f"cannot read {str(path)!r} as {kind} word2vec: {err}") from None
-        stat = path.stat()
-        self._version = f"{stat.st_size}:{stat.st_mtime_ns}"
+        self._version = file_digest(path)[:16]
 
     def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
         self.load()

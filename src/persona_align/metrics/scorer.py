@@ -12,6 +12,7 @@ import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from persona_align.errors import InputError
 from persona_align.files import open_sqlite
@@ -21,10 +22,14 @@ from persona_align.records import Candidate, Dialogue, ScoredCandidate
 
 @dataclass
 class MetricStatus:
+    """Whether a metric could be loaded, and the settings its values were computed with (what
+    the score cache keys on; None when it was not prepared here)."""
+
     name: str
     model: str | None
     available: bool = True
     reason: str | None = None
+    settings: dict[str, Any] | None = None
 
 
 class ScoreCache:
@@ -74,6 +79,7 @@ def prepare_metrics(metrics: Sequence[Metric], dialogues: Sequence[Dialogue]) ->
             metric.load()
         except Unavailable as why:
             status.available, status.reason = False, str(why)
+        status.settings = metric.settings()
         statuses.append(status)
     return statuses
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
-from persona_align.models import resolve
+from persona_align.models import model_version, resolve
 
 
 @register_metric("sbs-sim")
@@ -33,10 +33,14 @@ class SBSSimilarity(Metric):
         self._model_name = model
         self.batch_size = batch_size
         self._encoder: Any = None
+        self._version: str | None = None
 
     @property
     def model(self) -> str | None:
         return self._model_name
+
+    def settings(self) -> dict[str, Any]:
+        return super().settings() | {"version": self._version}
 
     def load(self) -> None:
         try:
@@ -52,6 +56,7 @@ class SBSSimilarity(Metric):
         except (OSError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise Unavailable(f"cannot load model {self._model_name!r}: {reason}") from None
+        self._version = model_version(self._model_name)
 
     def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
         if self._encoder is None:

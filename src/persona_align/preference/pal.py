@@ -271,6 +271,12 @@ class PALDataConfig(BaseModel):
     dialogue gives at most one example per task. PAL's released "mixture" mode is select +
     generate-persona at 1:1; the default adds some generate-plain so the stage-1 model has seen
     the prompt stage 2 samples rejected replies with.
+
+    ``select_none_share`` is the share of select examples whose answer is "No personal
+    description.". Labels lean to none (65% of FoCus turns by NLI), and a select task trained
+    on them collapsed to always answering none; the default 0.5 balances none against persona
+    answers, leaving out majority examples, so the select task (and the mixture with it) can be
+    smaller than the labels allow. None keeps the labels' own share.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -283,6 +289,7 @@ class PALDataConfig(BaseModel):
     max_examples: int | None = Field(default=None, ge=1)
     word_limit: int = Field(default=DEFAULT_WORD_LIMIT, ge=1)
     system: str | None = None
+    select_none_share: float | None = Field(default=0.5, ge=0, le=1)
 
     @field_validator("ratios")
     @classmethod
@@ -313,6 +320,33 @@ def mixture_counts(
     for task in by_remainder[: total - sum(counts.values())]:
         counts[task] = min(counts[task] + 1, available.get(task, 0))
     return counts
+
+
+def select_capacity(none: int, persona: int, none_share: float) -> int:
+    """The most select examples with ``none_share`` of them answering none, each dialogue once."""
+    limits = []
+    if none_share > 0:
+        limits.append(none / none_share)
+    if none_share < 1:
+        limits.append(persona / (1 - none_share))
+    return math.floor(min(limits) + 1e-9)
+
+
+def _select_sample(
+    pool: Sequence[Dialogue],
+    labels: Mapping[str, PersonaLabel],
+    count: int,
+    config: PALDataConfig,
+) -> list[Dialogue]:
+    """``count`` select dialogues: a seeded sample, with ``select_none_share`` of them (rounded)
+    labelled none when that is set."""
+    rng = random.Random(f"{config.seed}:select")
+    if config.select_none_share is None:
+        return rng.sample(list(pool), count)
+    none = [d for d in pool if not labels[d.id].indices]
+    persona = [d for d in pool if labels[d.id].indices]
+    answers_none = round(count * config.select_none_share)
+    return rng.sample(none, answers_none) + rng.sample(persona, count - answers_none)
 
 
 def _example(
@@ -371,12 +405,29 @@ def build_pal_sft(
             else:
                 pools[task].append(dialogue)
     available = {t: len(pools[t]) for t in TASKS}
+    none_labels = sum(1 for d in pools["select"] if not labels[d.id].indices)
+    share = config.select_none_share
+    if share is not None:
+        available["select"] = select_capacity(none_labels, available["select"] - none_labels, share)
+        if pools["select"] and not available["select"] and config.shares()["select"] > 0:
+            raise InputError(
+                None,
+                f"select_none_share {share} needs both answers, and the persona labels give "
+                f"{none_labels} 'none' and {len(pools['select']) - none_labels} persona answers; "
+                "set it to null to keep the labels' own share",
+                field="pal.data.select_none_share",
+            )
     counts = mixture_counts(available, config.shares(), config.max_examples)
     examples = []
     for task in TASKS:
-        chosen = random.Random(f"{config.seed}:{task}").sample(pools[task], counts[task])
+        if task == "select":
+            chosen = _select_sample(pools[task], labels, counts[task], config)
+        else:
+            chosen = random.Random(f"{config.seed}:{task}").sample(pools[task], counts[task])
         examples += [_example(d, task, labels.get(d.id), config) for d in chosen]
     random.Random(config.seed).shuffle(examples)
+    select_none = sum(e.task == "select" and e.completion[0].content == NO_PERSONA
+                      for e in examples)  # fmt: skip
     label_values = [labels[d] for d in by_id if d in labels]
     summary = {
         "dialogues": len(by_id),
@@ -388,6 +439,7 @@ def build_pal_sft(
         },
         "available": available,
         "examples": counts,
+        "select_answers": {"none": select_none, "persona": counts["select"] - select_none},
         "total": sum(counts.values()),
         "max_examples": config.max_examples,
         "skipped": {t: dict(skipped[t]) for t in TASKS},

@@ -51,6 +51,18 @@ def _rank(value: float) -> str:
     return f"{value:g}"
 
 
+def _settings(settings: Mapping[str, Any] | None) -> str:
+    """A metric's settings as ``key=value`` (name and model have their own columns); long texts
+    such as a judge's prompt are cut here, summary.json holds them whole."""
+    parts = []
+    for key, value in (settings or {}).items():
+        if key in ("name", "model") or value is None:
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        parts.append(f"{key}={text if len(text) <= 24 else text[:20] + '…'}")
+    return ", ".join(parts) or "-"
+
+
 def _metric_cell(summary: Mapping[str, Any], system: str, metric: str, what: str) -> str:
     cell = summary["systems"][system]["metrics"].get(metric)
     if cell is None:
@@ -207,11 +219,14 @@ def sections(
     out.append(
         Section(
             "Metrics",
-            header=["metric", "model", "status", "description"],
+            "Settings: what the values were computed with (the score cache keys on them); "
+            "version = a hash of the model's weights.",
+            header=["metric", "model", "settings", "status", "description"],
             rows=[
                 [
                     name,
                     info["model"] or "-",
+                    _settings(info.get("settings")),
                     "available" if info["available"] else f"unavailable: {info['reason']}",
                     info["description"],
                 ]

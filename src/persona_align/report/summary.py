@@ -34,10 +34,12 @@ class MetricInfo:
     model: str | None = None
     higher_is_better: bool = True
     description: str = ""
+    settings: dict[str, Any] | None = None
 
 
 def metric_info(name: str, status: Any | None = None) -> MetricInfo:
-    """Direction and description from the metric registry; availability from a MetricStatus."""
+    """Direction and description from the metric registry; availability and settings from a
+    MetricStatus."""
     from persona_align.metrics import METRICS
 
     cls = METRICS.get(name)
@@ -48,6 +50,7 @@ def metric_info(name: str, status: Any | None = None) -> MetricInfo:
     )
     if status is not None:
         info.available, info.reason, info.model = status.available, status.reason, status.model
+        info.settings = status.settings
     return info
 
 
@@ -184,6 +187,7 @@ def build_summary(
                 "model": i.model,
                 "higher_is_better": i.higher_is_better,
                 "description": i.description,
+                "settings": i.settings,
             }
             for i in infos
         },

@@ -146,9 +146,12 @@ def quiet_training_logs() -> Iterator[None]:
 
 
 def load_for_training(name: str) -> tuple[Any, Any]:
+    """The model with every weight trainable (LoRA freezes the base itself): a merged adapter,
+    such as PAL's stage-1 model, comes back from PEFT with its weights frozen."""
     model, tokenizer = load_causal_lm(name)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.requires_grad_(True)
     model.train()
     return model, tokenizer
 

@@ -10,7 +10,9 @@ saves no compute there). Relies on ``DPOTrainer._compute_loss``, hence the exact
 
 from __future__ import annotations
 
+import copy
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,17 +45,24 @@ class WeightedDPOConfig(DPOConfig):
             "model once (its keys and values serve both replies); same loss, less compute."
         },
     )
+    weight_norm: str = field(
+        default="none",
+        metadata={
+            "help": "'mean' scales the weights to mean 1 over the training set, so weighting "
+            "changes how pairs share the loss, not the step size; 'none' keeps them."
+        },
+    )
 
 
 class _WeightedCollator:
-    """The stock preference collator, plus the weights as one float tensor."""
+    """The stock preference collator, plus the weights (times ``scale``) as one float tensor."""
 
-    def __init__(self, base: Any, column: str) -> None:
-        self.base, self.column = base, column
+    def __init__(self, base: Any, column: str, scale: float = 1.0) -> None:
+        self.base, self.column, self.scale = base, column, scale
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.base(examples)
-        batch[WEIGHT_KEY] = torch.tensor([float(e[self.column]) for e in examples])
+        batch[WEIGHT_KEY] = torch.tensor([float(e[self.column]) * self.scale for e in examples])
         return batch
 
 
@@ -153,11 +162,37 @@ def _trim(pair: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class WeightedDPOTrainer(DPOTrainer):
-    """DPOTrainer whose loss is the weighted mean of per-pair DPO losses."""
+def _fsdp(args: Any) -> bool:
+    return bool(args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+
+def reference_copy(model: Any, args: Any, peft_config: Any) -> Any:
+    """A frozen copy of the policy as loaded when TRL would otherwise rebuild the reference from
+    ``model.config._name_or_path``, else None.
+
+    TRL 1.16 does that for a full fine-tune without precomputed reference log-probs (and under
+    FSDP). For a merged adapter, such as PAL's stage-1 model, that path names the adapter's base,
+    not the model being trained, so DPO would pull towards the wrong model. With LoRA the
+    reference is the model with its adapter disabled, with precomputed log-probs the policy
+    before its first step: both are the model as loaded.
+    """
+    if isinstance(model, str) or peft_config is not None or hasattr(model, "peft_config"):
+        return None
+    if args.precompute_ref_log_probs and not _fsdp(args):
+        return None
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+class WeightedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss is the weighted mean of per-pair DPO losses; its reference is
+    always the policy as loaded (see :func:`reference_copy`)."""
+
+    def __init__(self, model: Any, args: DPOConfig, ref_model: Any = None, **kwargs: Any) -> None:
+        if ref_model is None:
+            ref_model = reference_copy(model, args, kwargs.get("peft_config"))
+        super().__init__(model=model, ref_model=ref_model, args=args, **kwargs)
         column = getattr(self.args, "weight_column", None)
         if column is not None:
             for name, dataset in (("train", self.train_dataset), ("eval", self.eval_dataset)):
@@ -165,7 +200,22 @@ class WeightedDPOTrainer(DPOTrainer):
                     raise ValueError(
                         f"{name} dataset has no {column!r} column for the pair weights"
                     )
-            self.data_collator = _WeightedCollator(self.data_collator, column)
+            self.data_collator = _WeightedCollator(
+                self.data_collator, column, self._weight_scale(column)
+            )
+
+    def _weight_scale(self, column: str) -> float:
+        """1, or 1 / the mean weight of the training set with ``weight_norm: mean``."""
+        norm = getattr(self.args, "weight_norm", "none")
+        if norm == "none":
+            return 1.0
+        if norm != "mean":
+            raise ValueError(f"weight_norm must be 'none' or 'mean', got {norm!r}")
+        weights = [float(w) for w in self.train_dataset[column]]
+        mean = sum(weights) / len(weights)
+        if mean <= 0:
+            raise ValueError("weight_norm 'mean' needs a positive weight; every weight is 0")
+        return 1.0 / mean
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -212,7 +262,8 @@ class WeightedDPOTrainer(DPOTrainer):
 
 
 def pair_weights(pairs: list[PreferencePair], weighting: str, path: Path) -> list[float]:
-    """Per-pair weights: PersoDPO's sigmoid of the score gap, all ones, or a named column."""
+    """Per-pair weights: a named column (by default ``weight``, what ``pairs`` wrote), PersoDPO's
+    sigmoid of the score gap recomputed from the scores, or all ones."""
     if weighting == "sigmoid":
         return [1 / (1 + math.exp(-(p.score_chosen - p.score_rejected))) for p in pairs]
     if weighting == "one":
@@ -271,6 +322,7 @@ def train_dpo(
     def describe(kept: list[str], used: int) -> dict[str, Any]:
         return {
             "weighting": config.weighting,
+            "weight_norm": config.weight_norm,
             "pairs": len(kept),
             "pairs_used": used,
             "dropped_identical": identical,
@@ -281,6 +333,7 @@ def train_dpo(
         "precompute_ref_log_probs": config.precompute_ref,
         "share_prompt": config.share_prompt,
         "weight_column": "weight",
+        "weight_norm": config.weight_norm,
     }
     return train_rows(
         config, resume, load, WeightedDPOTrainer, WeightedDPOConfig, method_args, describe,

@@ -15,9 +15,12 @@ settings (a rerun continues where a crash stopped):
 Stage 2 trains with ``model = <run>/stage1/model``. ``load_causal_lm`` loads that adapter over
 its base and merges it, so the stage-1 model becomes the plain base of stage 2: a fresh LoRA is
 trained on top of it, and TRL's reference (the same network with the adapter disabled) is
-exactly the stage-1 model, as PAL prescribes. With ``finetune: full`` TRL copies the loaded
-model as the reference: the stage-1 model again. ``stage2/model`` records ``stage1/model`` as
-its base, so it loads as base + stage-1 + stage-2 (keep the run folder together).
+exactly the stage-1 model, as PAL prescribes. With ``finetune: full`` the reference log-probs
+come from the loaded model before its first step, or from a frozen copy of it
+(``training.dpo.reference_copy``; TRL alone would rebuild the reference from the merged model's
+``_name_or_path``, the original base): the stage-1 model again. ``stage2/model`` records
+``stage1/model`` as its base, so it loads as base + stage-1 + stage-2 (keep the run folder
+together).
 
 ``manifest.json`` records, per stage, a fingerprint of everything that determines its output
 (inputs' content, settings, upstream fingerprints). A file stage whose fingerprint changed is

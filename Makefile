@@ -23,12 +23,12 @@ demo: $(STAMP)
 	$(VENV)/bin/persona-align run configs/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks judge_data
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks judge_data
+	$(PY) -m ruff format --check src tests benchmarks judge_data
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

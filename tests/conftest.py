@@ -142,6 +142,7 @@ class CliResult:
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     def run(*args: str) -> CliResult:
+        capsys.readouterr()  # what fixtures printed (e.g. save progress bars) is not the command's
         code = main([str(a) for a in args])
         captured = capsys.readouterr()
         return CliResult(code, captured.out, captured.err)

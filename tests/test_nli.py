@@ -228,17 +228,20 @@ def test_identical_pairs_run_once_in_length_sorted_batches(tiny_nli: Path) -> No
 
 
 def test_c_and_ue_share_one_model_and_its_results(tiny_nli: Path) -> None:
-    c, ue = make_metric("c", model=str(tiny_nli)), make_metric("ue", model=str(tiny_nli))
-    assert c.nli is ue.nli and make_metric("c", model=str(tiny_nli), batch_size=3).nli is not c.nli
+    c = make_metric("c", model=str(tiny_nli))
+    ue = make_metric("ue", model=str(tiny_nli), persona_model=str(tiny_nli))  # PersoBench's UE
+    nli = c.gate.model
+    assert nli is ue.nli is ue.gate.model
+    assert make_metric("c", model=str(tiny_nli), batch_size=3).gate.model is not nli
     items = [ScoreItem(*item("my dog is called rex .", reference="i have a dog .", i=i))
              for i in range(3)]  # fmt: skip
-    c.nli.forwarded = 0
-    c.nli._memo.clear()
+    nli.forwarded = 0
+    nli._memo.clear()
     first = c.score(items)
-    assert c.nli.forwarded == 1  # three identical (persona, reply) pairs: one forward
+    assert nli.forwarded == 1  # three identical (persona, reply) pairs: one forward
     ue.score(items)
     # only the (reference, reply) pair is new, and it is judged only if the persona entails
-    assert c.nli.forwarded == 1 + (first[0] == 1.0)
+    assert nli.forwarded == 1 + (first[0] == 1.0)
     fresh = make_metric("c", model=str(tiny_nli), batch_size=3)  # its own model, no memo
     assert fresh.score(items) == first
 
@@ -271,9 +274,10 @@ def test_metric_options_are_checked() -> None:
     ]:
         with pytest.raises(InputError, match=message):
             make_metric("c", **options)
-    assert make_metric("ue").model == EMBEDDED_NLI
-    assert make_metric("c", mode="mean").settings() == {
-        "name": "c", "model": EMBEDDED_NLI, "dtype": "float32", "mode": "mean",
+    assert make_metric("ue").model == f"embedded-c-judge + {EMBEDDED_NLI}"
+    assert make_metric("c", model=EMBEDDED_NLI, mode="mean").settings() == {
+        "name": "c", "model": EMBEDDED_NLI, "version": None, "dtype": "float32", "mode": "mean",
+        "spec": {},
     }  # fmt: skip
 
 
@@ -295,16 +299,19 @@ def item(response: str | None, reference: str | None = "My dog is called Rex.", 
 
 
 def fake_nli(metric, labels: dict[tuple[str, str], str]) -> list[list[tuple[str, str]]]:
-    """Replace the metric's model by a lookup table; returns the pair lists it was asked."""
+    """Replace the metric's NLI model(s) by one lookup table; returns the pair lists asked."""
     calls: list[list[tuple[str, str]]] = []
-    metric.nli = NLIModel(metric.nli.name)  # not the process-wide shared instance
+    fake = NLIModel(EMBEDDED_NLI)  # not the process-wide shared instance
 
     def predict(pairs, on_batch=None):
         calls.append(list(pairs))
         return [labels.get(pair, "neutral") for pair in pairs]
 
-    metric.nli.predict = predict
-    metric.nli.load = lambda: None
+    fake.predict = predict
+    fake.load = lambda: None
+    metric.gate.model = fake
+    if hasattr(metric, "nli"):  # UE's (gold reply, reply) model
+        metric.nli = fake
     return calls
 
 
@@ -327,7 +334,7 @@ NLI_TABLE = {
     [("persobench", [1.0, -1.0]), ("max", [1.0, 0.0]), ("mean", [0.0, -2 / 3])],
 )
 def test_c_score_modes(mode: str, expected: list[float]) -> None:
-    metric = make_metric("c", mode=mode)
+    metric = make_metric("c", model=EMBEDDED_NLI, mode=mode)
     calls = fake_nli(metric, NLI_TABLE)
     items = [ScoreItem(*item(A)), ScoreItem(*item(B))]
     assert metric.score(items) == pytest.approx(expected)
@@ -337,7 +344,7 @@ def test_c_score_modes(mode: str, expected: list[float]) -> None:
 
 
 def test_ue_score_values() -> None:
-    metric = make_metric("ue")
+    metric = make_metric("ue", persona_model=EMBEDDED_NLI)  # PersoBench's NLI persona gate
     ref = "My dog is called Rex."
     calls = fake_nli(
         metric,
@@ -360,7 +367,8 @@ def test_ue_score_values() -> None:
 def test_failures_get_the_worst_value() -> None:
     from persona_align.metrics.scorer import prepare_metrics, score_stream
 
-    metrics = [make_metric("c", mode="max"), make_metric("ue")]
+    metrics = [make_metric("c", model=EMBEDDED_NLI, mode="max"),
+               make_metric("ue", persona_model=EMBEDDED_NLI)]  # fmt: skip
     for metric in metrics:
         fake_nli(metric, NLI_TABLE)
     pairs = [item(A, i=0), item(None, i=1), item(B, reference=None, i=2)]

@@ -134,7 +134,7 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _tree_digest(root: Path) -> str:
+def tree_digest(root: Path) -> str:
     """One hash of every file's relative name and bytes under ``root`` (or of the file itself);
     hidden files and folders (download metadata with timestamps) are left out."""
     if root.is_file():
@@ -158,13 +158,13 @@ def model_version(name: str) -> str:
     resolved = resolve(name)
     embedded = resolved.embedded
     if embedded is not None:
-        return _tree_digest(Path(resolved.location) / (embedded.filename or ""))
+        return tree_digest(Path(resolved.location) / (embedded.filename or ""))
     if resolved.kind == "hub":
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(resolved.location, "config.json")
         return f"{name}@{Path(cached).parent.name}" if isinstance(cached, str) else name
-    version = _tree_digest(Path(resolved.location))
+    version = tree_digest(Path(resolved.location))
     base = adapter_base(resolved.location)
     return f"{version}+{model_version(base)}" if base is not None else version
 

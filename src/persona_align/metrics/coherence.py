@@ -19,8 +19,8 @@ from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.coherence_judge import CoherenceJudge, coherence_input
 from persona_align.metrics.loading import first_line, pretrained_source
-from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, content_version, embedded_dir
-from persona_align.models import DTYPES, load_causal_lm, model_version, resolve
+from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, embedded_dir
+from persona_align.models import DTYPES, load_causal_lm, model_version, resolve, tree_digest
 from persona_align.prompting import (
     MIN_SHARED_PREFIX,
     format_context,
@@ -377,7 +377,7 @@ class CohJudge(Metric):
         folder = judge_folder(self.model_name)
         judge = CoherenceJudge(folder, batch_size=self.batch_size)
         judge.load()
-        self.judge, self._version = judge, content_version(folder)
+        self.judge, self._version = judge, tree_digest(folder)
 
     def score(self, items: Sequence[ScoreItem]) -> list[float | None]:
         self.load()

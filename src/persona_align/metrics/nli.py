@@ -10,7 +10,6 @@ order, and a wrong guess turns every contradiction into an entailment without an
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import warnings
 from collections import OrderedDict
@@ -25,7 +24,7 @@ import numpy as np
 from persona_align.data.nli import LABELS, Label, NLIPair, normalise_label
 from persona_align.errors import InputError
 from persona_align.metrics.base import Unavailable
-from persona_align.models import resolve
+from persona_align.models import resolve, tree_digest
 
 EMBEDDED_NLI = "embedded-nli"
 # Pair classifiers shipped inside the package: name → folder under persona_align/assets.
@@ -109,17 +108,6 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def content_version(folder: Path) -> str:
-    """A hash of a model folder's weight and config files' bytes: part of every score cache key,
-    so retraining a judge into the same folder never reuses its old scores."""
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        if file.suffix in {".json", ".safetensors", ".bin", ".model", ".txt"}:
-            digest.update(str(file.relative_to(folder)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
-
-
 class PairClassifier:
     """A batched sequence-pair classifier: ``probabilities([(a, b), ...])`` → one row per pair.
 
@@ -198,7 +186,7 @@ class PairClassifier:
         self.spec = json.loads(spec.read_text()) if spec.is_file() else {}
         self.max_length = self.spec.get("max_length")
         root = Path(location)
-        self.version = content_version(root) if root.is_dir() else location
+        self.version = tree_digest(root) if root.is_dir() else location
         model.eval().to(_device())
         if self.dtype == "bfloat16":
             model.to(torch.bfloat16)

@@ -79,10 +79,10 @@ def authors_labels(items: list[JudgeItem]) -> list[int]:
 
 def line(name: str, data: str, gold: list[int], predicted: list[int]) -> str:
     found = agreement(gold, predicted, [1, 0, -1])
-    contradictions = found.per_class()["-1"]
-    recall = contradictions["recall"]
+    recall = found.per_class()["-1"]["recall"]
+    false = found.false_contradictions
     return (f"| {data} | {name} | {found.items} | {found.accuracy:.3f} | {found.kappa:.3f} | "
-            f"{found.false_contradictions:.1%} | "
+            f"{'-' if false is None else f'{false:.1%}'} | "
             f"{'-' if recall is None else f'{recall:.3f}'} |")  # fmt: skip
 
 

@@ -427,6 +427,8 @@ def test_cli_serve_rejects_bad_options(cli, tmp_path: Path) -> None:
         (["--max-tokens", "600"], "max_tokens_cap"),
         (["--port", "70000"], "--port"),
         (["--queue-size", "-1"], "queue_size"),
+        (["--max-prompt-tokens", "0"], "max_prompt_tokens"),
+        (["--batch-size", "0"], "batch_size"),
     ]:
         result = cli("serve", tmp_path, *args)
         assert result.code == 2, result.err

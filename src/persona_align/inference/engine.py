@@ -175,6 +175,8 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 8) -> None:
+        from persona_align.inference.scheduler import Scheduler  # torch: not at CLI start-up
+
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(None, f"model {name!r} has no chat template; it needs a chat model")
         if tokenizer.pad_token is None:
@@ -182,38 +184,18 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.batch_size = batch_size
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.max_context: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._scheduler: Any = None
-        self._lock = threading.Lock()
-
-    @property
-    def scheduler(self) -> Any:
-        """The model thread (an ``inference.scheduler.Scheduler``), started on first use."""
-        with self._lock:
-            if self._scheduler is None:
-                from persona_align.inference.scheduler import Scheduler
-
-                self._scheduler = Scheduler(
-                    self.model, self._eos_ids, self.tokenizer.pad_token_id, self.batch_size
-                )
-            return self._scheduler
+        self.scheduler = Scheduler(model, self._eos_ids, tokenizer.pad_token_id, batch_size)
 
     def stats(self) -> dict[str, int]:
         """Replies decoding now, and the model thread's counts (``Scheduler.stats``)."""
-        scheduler = self._scheduler
-        if scheduler is None:
-            return {}
-        return {"rows": scheduler.rows, **scheduler.stats}
+        return {"rows": self.scheduler.rows, **self.scheduler.stats}
 
     def close(self) -> None:
         """Let the replies asked for finish, then end the model thread."""
-        with self._lock:
-            scheduler, self._scheduler = self._scheduler, None
-        if scheduler is not None:
-            scheduler.close()
+        self.scheduler.close()
 
     def generate(
         self, messages: Sequence[Message], params: ReplyParams, watch: Watch | None = None

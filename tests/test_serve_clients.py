@@ -272,3 +272,25 @@ def test_health(raw_server: ChatServer) -> None:
     assert response.status == 200
     assert payload["status"] == "ok" and payload["model"] == MODEL_ID
     assert payload["pending"] == 0 and payload["engine"]["rows"] == 0
+
+
+def test_a_model_error_fails_its_reply_and_the_server_goes_on(
+    raw_server: ChatServer, lively: Engine
+) -> None:
+    failed: list[int] = []
+
+    def fail_once(*_: Any) -> None:
+        if not failed:
+            failed.append(1)
+            raise RuntimeError("out of memory, say")
+
+    client = client_of(raw_server)
+    client.chat.completions.create(model=MODEL_ID, messages=messages("Hi"), max_tokens=1)
+    handle = lively.model.register_forward_pre_hook(fail_once)  # fails the next prefill
+    try:
+        with pytest.raises(openai.InternalServerError, match="generation failed"):
+            client.chat.completions.create(model=MODEL_ID, messages=messages("Hi"))
+    finally:
+        handle.remove()
+    reply = client.chat.completions.create(model=MODEL_ID, messages=messages("Hi"), max_tokens=3)
+    assert reply.usage is not None and reply.usage.completion_tokens == 3

@@ -99,6 +99,7 @@ class Scheduler:
         self._previous: list[int] = []  # the last prompt, until a shared prefix is found
         self._inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._waiting: deque[Job] = deque()
+        self._starting: Job | None = None  # out of the line, not yet in a slot
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="persona-decode", daemon=True)
         self._thread.start()
@@ -128,12 +129,13 @@ class Scheduler:
                     self._busy()
                 except Exception as err:  # a bug or out of memory: fail its jobs, not the thread
                     log.exception("decoding failed")
-                    jobs = list(self._waiting)
+                    jobs = [*self._waiting, *([self._starting] if self._starting else [])]
                     if self._batch is not None:
                         jobs += [row.key for row in self._batch.live if row is not None]
                     for job in jobs:
                         job.fail(err)
                     self._waiting.clear()
+                    self._starting = None
                     self._batch = None  # its rows may be half-updated
 
     def _take(self, block: bool) -> bool:
@@ -181,13 +183,14 @@ class Scheduler:
         """Start waiting jobs in line order while slots are free; a job that needs no slot
         runs alone at once."""
         while self._waiting and (batch.free or self._waiting[0].sampling is not None):
-            job = self._waiting.popleft()
+            job = self._starting = self._waiting.popleft()
             if job.sampling is not None:
                 self._alone(job)
-                continue
-            self._share_prefix(batch, job.prompt)
-            row = batch.add(job, job.prompt, job.max_new_tokens)
-            self._reported(job, row.tokens, row.done)
+            else:
+                self._share_prefix(batch, job.prompt)
+                row = batch.add(job, job.prompt, job.max_new_tokens)
+                self._reported(job, row.tokens, row.done)
+            self._starting = None
 
     def _share_prefix(self, batch: SlotBatch, prompt: list[int]) -> None:
         """Keep the keys/values of the longest token prefix recent prompts share (the chat

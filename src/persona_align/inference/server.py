@@ -296,9 +296,10 @@ class _Running:
             await asyncio.wait({piece, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-        if not piece.done():
-            piece.cancel()
-            self.cancel()
+            if not piece.done():  # the client hung up, or this request was cancelled
+                piece.cancel()
+                self.cancel()
+        if piece.cancelled():
             raise _ClientGone
         return piece.result()
 
@@ -313,7 +314,7 @@ class _Running:
         except Cancelled:
             raise _ClientGone from None
         except Exception as err:
-            log.exception("generation failed", exc_info=err)
+            log.exception("generation failed")
             raise ApiError(
                 500, f"generation failed ({type(err).__name__})", "server_error"
             ) from None

@@ -292,14 +292,16 @@ class _Running:
             return await self.pieces.get()
         piece = asyncio.ensure_future(self.pieces.get())
         gone = asyncio.ensure_future(_hung_up(receive))
+        hung_up = True
         try:
             await asyncio.wait({piece, gone}, return_when=asyncio.FIRST_COMPLETED)
+            hung_up = not piece.done()
         finally:
             gone.cancel()
-            if not piece.done():  # the client hung up, or this request was cancelled
+            if hung_up:  # or this request was cancelled
                 piece.cancel()
                 self.cancel()
-        if piece.cancelled():
+        if hung_up:
             raise _ClientGone
         return piece.result()
 

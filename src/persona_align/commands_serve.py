@@ -84,7 +84,7 @@ def serve_command(
     ] = 512,
     max_prompt_tokens: Annotated[
         int,
-        typer.Option(help="Most tokens a request's prompt may have, once rendered (more: 400)."),
+        typer.Option(help="Most tokens of a request's rendered prompt (more: HTTP 400)."),
     ] = 2048,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body (larger: HTTP 413).")

@@ -224,13 +224,11 @@ class Engine:
                 code="prompt_too_long",
             )
         watch = watch or Watch()
-        sampling: dict[str, Any] | None = (
-            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-            if params.temperature > 0
-            else None
-            if slots.supported(self.model, prompt_tokens + params.max_tokens)
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
+        sampling: dict[str, Any] | None = None  # greedy, in a decoding slot
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        elif not slots.supported(self.model, prompt_tokens + params.max_tokens):
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         job = Job(prompt, params.max_tokens, watch.cancelled, sampling, params.seed)
         self.scheduler.submit(job)
         tokens: list[int] = []

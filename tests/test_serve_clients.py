@@ -202,7 +202,7 @@ def test_concurrent_greedy_requests_decode_together_and_equal_one_at_a_time(
         for i in range(len(QUESTIONS))
     ]
     before = lively.stats()["steps"]
-    with slowed(lively, 0.01):  # the six requests arrive while the first ones decode
+    with slowed(lively, 0.05):  # the six requests arrive while the first ones decode
         for thread in threads:
             thread.start()
         for thread in threads:

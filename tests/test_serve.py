@@ -30,6 +30,7 @@ from persona_align.inference.engine import (
     Reply,
     ReplyParams,
     ReplyPolicy,
+    Watch,
     load_engine,
     make_policy,
     served_name,
@@ -49,8 +50,10 @@ CONTEXT = [
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama_dir: Path) -> Engine:
-    return load_engine(str(tiny_llama_dir))
+def engine(tiny_llama_dir: Path):
+    engine = load_engine(str(tiny_llama_dir))
+    yield engine
+    engine.close()
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +269,12 @@ def test_bad_requests_get_clear_errors_and_the_server_stays_up(
         ("POST", post, chat_body(top_p=0), 400, "top_p"),
         ("POST", post, chat_body(logit_bias={"1": 5}), 400, "logit_bias"),
         ("POST", post, chat_body(n=2), 400, "n"),
-        ("POST", post, chat_body(stream=True), 400, "stream"),
+        ("POST", post, chat_body(stream="yes"), 400, "stream"),
+        ("POST", post, chat_body(stream_options={"include_usage": True}), 400, "stream_options"),
+        # a streaming request with a bad field is refused before any stream starts
+        ("POST", post, chat_body(stream=True, max_tokens=0), 400, "max_tokens"),
+        ("POST", post, chat_body(stream=True, logit_bias={"1": 5}), 400, "logit_bias"),
+        ("POST", post, chat_body(stream=True, model="gpt-4o"), 404, "model"),
         ("POST", post, b"x" * (LIMITS.max_body_bytes + 1), 413, None),
         ("GET", post, None, 405, None),
         ("POST", "/v1/models", b"{}", 405, None),
@@ -317,7 +325,9 @@ class GatedPolicy(ReplyPolicy):
         self.most_running = 0
         self._lock = threading.Lock()
 
-    def reply(self, conversation: Conversation, params: ReplyParams) -> Reply:
+    def reply(
+        self, conversation: Conversation, params: ReplyParams, watch: Watch | None = None
+    ) -> Reply:
         with self._lock:
             self.running += 1
             self.most_running = max(self.most_running, self.running)
@@ -331,7 +341,7 @@ class GatedPolicy(ReplyPolicy):
 
 def test_generation_is_serialised_behind_a_bounded_queue() -> None:
     policy = GatedPolicy()
-    limits = ServerLimits(queue_size=1)
+    limits = ServerLimits(batch_size=1, queue_size=1)
     with ChatServer(policy, MODEL_ID, port=0, limits=limits) as server:
         replies: dict[str, tuple[int, dict[str, Any]]] = {}
 
@@ -417,6 +427,8 @@ def test_cli_serve_rejects_bad_options(cli, tmp_path: Path) -> None:
         (["--max-tokens", "600"], "max_tokens_cap"),
         (["--port", "70000"], "--port"),
         (["--queue-size", "-1"], "queue_size"),
+        (["--max-prompt-tokens", "0"], "max_prompt_tokens"),
+        (["--batch-size", "0"], "batch_size"),
     ]:
         result = cli("serve", tmp_path, *args)
         assert result.code == 2, result.err
@@ -489,23 +501,16 @@ def test_select_then_generate_policy_behind_the_server(engine: Engine) -> None:
         assert status == 400 and "persona" in assert_error(payload)
 
 
-def test_greedy_replies_go_through_a_slot_and_equal_generate(
-    lively_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_greedy_replies_go_through_a_slot_and_equal_generate(lively_llama_dir: Path) -> None:
     import torch
 
-    from persona_align.generation import slots
     from persona_align.prompting import render_chat
 
     engine = load_engine(str(lively_llama_dir))
     messages = [Message(role="user", content="Tell me about your bees and the sea, please.")]
-    calls: list[int] = []
-    original = slots.slot_generate
-    monkeypatch.setattr(
-        slots, "slot_generate", lambda *a, **k: calls.append(1) or original(*a, **k)
-    )
     got = engine.generate(messages, ReplyParams(max_tokens=24))
-    assert calls == [1]
+    steps = engine.stats()["steps"]
+    assert steps > 0  # decoded in a slot
 
     tokenizer = engine.tokenizer
     enc = tokenizer(
@@ -520,4 +525,6 @@ def test_greedy_replies_go_through_a_slot_and_equal_generate(
     assert got.raw == tokenizer.decode(tokens, skip_special_tokens=True)
 
     engine.generate(messages, ReplyParams(max_tokens=8, temperature=0.8, seed=1))
-    assert calls == [1]  # sampling stays with model.generate
+    assert engine.stats()["steps"] == steps  # sampling stays with model.generate
+    assert engine.stats()["replies"] == 2
+    engine.close()

@@ -233,3 +233,29 @@ def test_guesses_through_the_models_own_attention(tiny) -> None:
     prompts = _prompts(tokenizer)[:4]
     assert _replies(model, prompts, guesses=4) == _replies(model, prompts, guesses=0)
     assert model.config._attn_implementation == "eager"
+
+
+def test_prompts_join_and_leave_between_steps(tiny) -> None:
+    """A server's use: prompts added while others decode, one dropped half-way; every reply is
+    still the prompt's own, and the rows and their length grow as prompts need."""
+    from persona_align.generation.slots import SlotBatch
+
+    model, tokenizer = tiny
+    prompts = _prompts(tokenizer)
+    expected = [alone(model, p, 10, {-1}) for p in prompts]
+    batch = SlotBatch(model, 3, eos_ids={-1})
+    with torch.inference_mode(), batch:
+        batch.set_prefix(prompts[0][: shared_prefix(prompts)])
+        rows = {0: batch.add(0, prompts[0], 10)}
+        batch.step()
+        rows[6] = batch.add(6, prompts[6], 10)  # the longest prompt, a step late
+        gone = batch.add(2, prompts[2], 10)
+        batch.step()
+        batch.drop(gone)
+        rows[4] = batch.add(4, prompts[4], 10)  # takes the dropped prompt's slot
+        assert batch.free == 0
+        while batch.busy:
+            batch.step()
+    assert {k: row.tokens for k, row in rows.items()} == {k: expected[k] for k in rows}
+    assert len(gone.tokens) < 10 and batch.free == 3
+    assert batch.decoder.slots == 3 and batch.decoder.capacity >= len(prompts[6]) + 10

@@ -53,7 +53,7 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(summary, ensure_ascii=False, sort_keys=True), flush=True)
 
 
-def load_policy(model_dir: str, prompt: str, dtype: str) -> ReplyPolicy:
+def load_policy(model_dir: str, prompt: str, dtype: str, batch_size: int = 1) -> ReplyPolicy:
     """The engine and the reply policy named by ``--prompt``, loaded with a spinner on stderr."""
     from persona_align.inference import select_generate  # noqa: F401 - registers its policy
     from persona_align.inference.engine import POLICIES, load_engine, make_policy
@@ -61,7 +61,7 @@ def load_policy(model_dir: str, prompt: str, dtype: str) -> ReplyPolicy:
     if prompt not in POLICIES:
         raise InputError(None, f"--prompt must be one of {', '.join(POLICIES)}, got {prompt!r}")
     with err_console.status(f"loading {model_dir}..."):
-        engine = load_engine(model_dir, dtype)
+        engine = load_engine(model_dir, dtype, batch_size)
     return make_policy(prompt, engine)
 
 
@@ -82,11 +82,18 @@ def serve_command(
     max_tokens_cap: Annotated[
         int, typer.Option(help="Most tokens a request may ask for (more: HTTP 400).")
     ] = 512,
+    max_prompt_tokens: Annotated[
+        int,
+        typer.Option(help="Most tokens of a request's rendered prompt (more: HTTP 400)."),
+    ] = 2048,
     max_body_bytes: Annotated[
         int, typer.Option(help="Largest request body (larger: HTTP 413).")
     ] = 1 << 20,
+    batch_size: Annotated[
+        int, typer.Option(help="Requests answered at once; their greedy replies decode together.")
+    ] = 8,
     queue_size: Annotated[
-        int, typer.Option(help="Requests that may wait behind the one generating (more: 503).")
+        int, typer.Option(help="Requests that may wait behind those being answered (more: 503).")
     ] = 8,
     as_json: JsonFlag = False,
 ) -> None:
@@ -101,11 +108,13 @@ def serve_command(
             max_body_bytes=max_body_bytes,
             max_tokens_cap=max_tokens_cap,
             default_max_tokens=max_tokens,
+            max_prompt_tokens=max_prompt_tokens,
+            batch_size=batch_size,
             queue_size=queue_size,
         )
     except ValueError as err:
         raise InputError(None, str(err)) from None
-    policy = load_policy(model_dir, prompt, dtype)
+    policy = load_policy(model_dir, prompt, dtype, batch_size)
     model_id = model_name or served_name(model_dir)
     server = ChatServer(policy, model_id, host, port, limits)
     try:
@@ -140,6 +149,7 @@ def serve_command(
         if on_main:
             signal.signal(signal.SIGTERM, previous)
         server.close()
+        policy.engine.close()
         access_log.removeHandler(handler)
     stats = server.stats()
     if not as_json:
@@ -197,5 +207,8 @@ def chat_command(
     loop = ChatLoop(
         ChatSession(policy, sentences, params), console, interactive=interactive, as_json=as_json
     )
-    summary = loop.run(_read_line(interactive))
+    try:
+        summary = loop.run(_read_line(interactive))
+    finally:
+        policy.engine.close()
     _emit({"command": "chat", "model": model_dir, "policy": prompt} | summary, as_json)

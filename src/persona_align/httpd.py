@@ -1,12 +1,14 @@
 """A tiny HTTP/1.1 server base: asyncio streams on one background thread (standard library).
 
-Both of our servers (the test OpenAI server with fault injection, ``persona-align serve``)
-run inside a process that has its own work to do (a benchmark's client loop, a model): one
-event-loop thread costs less than a thread per connection (measured ~10% more requests per
-second against ``ThreadingHTTPServer``). A subclass answers the requests of one keep-alive
-connection in ``_serve_connection``; this class owns the loop, the listening socket, the
-open connections and a shutdown that wakes sleeping handlers instead of cancelling them
-(Python 3.11's ``start_server`` logs cancelled handlers as errors).
+The base of ``generation.fake_server`` (the test OpenAI server with fault injection, whose
+faults — garbage bodies, dropped connections, hangs — need a server that writes its own
+bytes; ``persona-align serve`` runs on FastAPI/uvicorn). It runs inside a process that has its
+own work to do (a benchmark's client loop): one event-loop thread costs less than a thread per
+connection (measured ~10% more requests per second against ``ThreadingHTTPServer``). A
+subclass answers the requests of one keep-alive connection in ``_serve_connection``; this class
+owns the loop, the listening socket, the open connections and a shutdown that wakes sleeping
+handlers instead of cancelling them (Python 3.11's ``start_server`` logs cancelled handlers as
+errors).
 """
 
 from __future__ import annotations
@@ -51,9 +53,6 @@ class BackgroundServer:
     ) -> None:
         """Answer requests on one connection until either side is done with it."""
         raise NotImplementedError
-
-    def _on_shutdown(self) -> None:
-        """Called on the loop when closing begins, before connections are closed."""
 
     def _start(self, host: str, port: int) -> int:
         """Bind and listen (OSError here: port in use, ...); returns the bound port."""
@@ -108,7 +107,6 @@ class BackgroundServer:
     async def _shutdown(self) -> None:
         assert self._server is not None and self._closing is not None
         self._server.close()
-        self._on_shutdown()
         self._closing.set()
         for writer in self._connections.values():
             writer.close()  # idle keep-alive reads see end of file

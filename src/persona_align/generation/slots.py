@@ -6,7 +6,9 @@ re-concatenated on every step (a quarter of a batch-8 decode step on CPU, profil
 of ``batch_size`` slots holds one prompt at a time in a preallocated key/value buffer: a slot
 whose reply ends takes the next prompt at once, so every decode step works on live rows only.
 Each prompt is prefilled on its own (no padding) after the token prefix shared by every prompt
-of the call — the PersoBench instructions — has been run once and copied in.
+of the call — the PersoBench instructions — has been run once and copied in. ``SlotBatch``
+takes prompts one at a time between steps, so a server can feed it requests as they arrive;
+``slot_generate`` feeds it a list.
 
 Rows never interact: each attends only to its own columns of the buffer (a per-row mask), and
 its positions count from its own first token, so a reply is the one the model gives alone up
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -48,6 +51,7 @@ from persona_align.prompting import MIN_SHARED_PREFIX, shared_prefix
 
 ATTENTION = "persona_align_slots"
 NGRAMS = (3, 2, 1)  # n-gram lengths a guess is looked up by, longest first
+LOOKUP_LIMIT = 200_000  # n-grams of finished replies kept for guesses (~40 MB)
 
 # generation-config fields whose non-default values add logits processors we do not replicate
 _UNSUPPORTED = {
@@ -86,21 +90,22 @@ def supported(model: Any, longest: int) -> bool:
 
 
 class _Rows:
-    """Where each slot's next keys/values go (its length so far), how many tokens each slot is
-    fed in the current step, and the live width."""
+    """Where each slot's next keys/values go (its length so far), how many slots the current
+    step feeds (the first ``count``), how many tokens each is fed, and the live width."""
 
-    def __init__(self, slots: int) -> None:
-        self.lengths = torch.zeros(slots, dtype=torch.long)
+    def __init__(self) -> None:
+        self.lengths = torch.zeros(0, dtype=torch.long)
+        self.count = 0
         self.fed = 1
 
     @property
     def width(self) -> int:
-        return int(self.lengths.max()) + self.fed
+        return int(self.lengths[: self.count].max()) + self.fed
 
 
 class _SlotLayer(DynamicLayer):
     """One layer's keys and values for all slots; slot ``b`` holds its tokens at columns
-    ``0 .. lengths[b] - 1`` and each decode step writes ``fed`` columns per slot, in place."""
+    ``0 .. lengths[b] - 1`` and each decode step writes ``fed`` columns per fed slot, in place."""
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, rows: _Rows) -> None:
         super().__init__()
@@ -110,12 +115,13 @@ class _SlotLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        slots = torch.arange(self.keys.shape[0])[:, None]
-        columns = self.rows.lengths[:, None] + torch.arange(key_states.shape[2])
+        count = self.rows.count
+        slots = torch.arange(count)[:, None]
+        columns = self.rows.lengths[:count, None] + torch.arange(key_states.shape[2])
         self.keys[slots, :, columns] = key_states.transpose(1, 2)
         self.values[slots, :, columns] = value_states.transpose(1, 2)
         width = self.rows.width
-        return self.keys[:, :, :width], self.values[:, :, :width]
+        return self.keys[:count, :, :width], self.values[:count, :, :width]
 
     def get_seq_length(self) -> int:
         return self.rows.width - self.rows.fed
@@ -156,26 +162,47 @@ AttentionMaskInterface.register(ATTENTION, AttentionMaskInterface._global_mappin
 
 
 class SlotDecoder:
-    """``slots`` rows of preallocated keys/values and one decode step over all of them."""
+    """Rows of preallocated keys/values and one decode step over the first rows; ``reserve``
+    makes room for more rows or longer ones, keeping what the rows hold."""
 
-    def __init__(self, model: Any, slots: int, capacity: int) -> None:
+    def __init__(self, model: Any, slots: int = 0, capacity: int = 0) -> None:
         probe = DynamicCache(config=model.config)  # learns each layer's head count and size
         with torch.inference_mode():
             model(torch.zeros((1, 1), dtype=torch.long, device=model.device), past_key_values=probe)
-        self.model, self.slots = model, slots
-        self.rows = _Rows(slots)
+        self.model = model
+        self.rows = _Rows()
         self.layers = [
-            _SlotLayer(
-                layer.keys.new_zeros((slots, layer.keys.shape[1], capacity, layer.keys.shape[3])),
-                layer.values.new_zeros(
-                    (slots, layer.values.shape[1], capacity, layer.values.shape[3])
-                ),
-                self.rows,
-            )
+            _SlotLayer(layer.keys[:0, :, :0], layer.values[:0, :, :0], self.rows)
             for layer in probe.layers
         ]
         self.cache = Cache(layers=self.layers)
         self.dtype = next(model.parameters()).dtype
+        self.reserve(slots, capacity)
+
+    @property
+    def slots(self) -> int:
+        return self.layers[0].keys.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[2]
+
+    def reserve(self, slots: int, capacity: int) -> None:
+        """At least ``slots`` rows of ``capacity`` tokens each (zeros: masked columns must not
+        hold NaNs, which a zero attention weight would still spread)."""
+        if slots <= self.slots and capacity <= self.capacity:
+            return
+        slots, capacity = max(slots, self.slots), max(capacity, self.capacity)
+        used = int(self.rows.lengths.max()) if self.slots else 0
+        for layer in self.layers:
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                new = old.new_zeros((slots, old.shape[1], capacity, old.shape[3]))
+                new[: old.shape[0], :, :used] = old[:, :, :used]
+                setattr(layer, name, new)
+        lengths = torch.zeros(slots, dtype=torch.long)
+        lengths[: len(self.rows.lengths)] = self.rows.lengths
+        self.rows.lengths = lengths
 
     def load(self, slot: int, prefill: DynamicCache, length: int) -> None:
         """Copy a prompt's prefilled keys/values into ``slot``."""
@@ -184,21 +211,25 @@ class SlotDecoder:
             layer.values[slot, :, :length] = filled.values[0]
         self.rows.lengths[slot] = length
 
-    def keep(self, slots: list[int]) -> None:
-        """Drop every slot not in ``slots`` (the tail of a run, when no prompt is left)."""
-        index = torch.tensor(slots, dtype=torch.long)
-        for layer in self.layers:
-            layer.keys = layer.keys.index_select(0, index)
-            layer.values = layer.values.index_select(0, index)
-        self.rows.lengths = self.rows.lengths.index_select(0, index)
+    def compact(self, slots: list[int]) -> None:
+        """Move the rows ``slots`` (ascending) to the front, in that order."""
+        for target, source in enumerate(slots):
+            if source != target:
+                length = int(self.rows.lengths[source])
+                for layer in self.layers:
+                    layer.keys[target, :, :length] = layer.keys[source, :, :length]
+                    layer.values[target, :, :length] = layer.values[source, :, :length]
+                self.rows.lengths[target] = length
 
     def step(self, tokens: list[list[int]]) -> torch.Tensor:
-        """Feed each slot the same number of tokens (its latest, then any guesses); the
-        next-token logits after each fed token, ``(slots, fed, vocabulary)``. The slots'
-        lengths stay put until ``advance`` says how many fed tokens each keeps."""
+        """Feed each of the first ``len(tokens)`` slots the same number of tokens (its latest,
+        then any guesses); the next-token logits after each fed token, ``(slots, fed,
+        vocabulary)``. The slots' lengths stay put until ``advance`` says how many fed tokens
+        each keeps."""
         device = self.model.device
+        self.rows.count = count = len(tokens)
         self.rows.fed = fed = len(tokens[0])
-        positions = self.rows.lengths[:, None] + torch.arange(fed)
+        positions = self.rows.lengths[:count, None] + torch.arange(fed)
         visible = torch.arange(self.rows.width)[None, None, :] <= positions[:, :, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
@@ -213,9 +244,9 @@ class SlotDecoder:
         return out.logits.float().cpu()
 
     def advance(self, kept: list[int]) -> None:
-        """Each slot keeps the keys/values of its first ``kept`` fed tokens; later columns are
-        overwritten by the next step."""
-        self.rows.lengths += torch.tensor(kept, dtype=torch.long)
+        """Each fed slot keeps the keys/values of its first ``kept`` fed tokens; later columns
+        are overwritten by the next step."""
+        self.rows.lengths[: len(kept)] += torch.tensor(kept, dtype=torch.long)
         self.rows.fed = 1
 
 
@@ -225,12 +256,15 @@ def _ngrams_ending_at(tokens: Sequence[int], end: int) -> Iterator[tuple[int, ..
 
 class _Replies:
     """What followed each n-gram in the replies generated so far, over all prompts: replies to
-    different dialogues share their JSON frame and many turns of phrase."""
+    different dialogues share their JSON frame and many turns of phrase. A server keeps one for
+    its lifetime, so it starts afresh past ``LOOKUP_LIMIT`` n-grams."""
 
     def __init__(self) -> None:
         self.after: dict[tuple[int, ...], list[int]] = {}
 
     def add(self, tokens: list[int], most: int) -> None:
+        if len(self.after) > LOOKUP_LIMIT:
+            self.after.clear()
         for end in range(len(tokens) - 1):
             follower = tokens[end + 1 : end + 1 + most]
             for key in _ngrams_ending_at(tokens, end):
@@ -270,13 +304,181 @@ class _Lookup:
         return []
 
 
-class _Row:
-    """A prompt in a slot: its index, the tokens generated so far, compute seconds spent."""
+class Row:
+    """A prompt in a slot: the caller's ``key``, its token budget, the tokens generated so far
+    and the compute seconds spent on it; ``done`` once an end token or the budget is reached."""
 
-    def __init__(self, index: int, lookup: _Lookup | None, token: int, seconds: float) -> None:
-        self.index, self.lookup, self.tokens, self.seconds = index, lookup, [token], seconds
-        if lookup is not None:
-            lookup.push(token)
+    def __init__(self, key: Any, budget: int, lookup: _Lookup | None) -> None:
+        self.key, self.budget, self.lookup = key, budget, lookup
+        self.tokens: list[int] = []
+        self.seconds = 0.0
+        self.done = False
+
+
+class SlotBatch:
+    """Prompts decoding together, one per slot. A prompt joins between steps (``add``:
+    prefilled alone, after the prefix set by ``set_prefix`` when it starts with it) and leaves
+    when its reply ends or its caller ``drop``s it; ``step`` advances every row at once.
+
+    Rows and their length grow as prompts need, up to ``slots`` rows. Use it inside
+    ``torch.inference_mode()`` and ``with batch:`` (which sets the packed attention).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        slots: int,
+        *,
+        eos_ids: set[int],
+        guesses: int = 4,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        capacity: int = 0,
+    ) -> None:
+        self.model, self.slots, self.eos_ids = model, slots, eos_ids
+        self.guesses = guesses if temperature <= 0 else 0
+        self.temperature = temperature
+        self.decoder = SlotDecoder(model, slots if capacity else 0, capacity)
+        self.live: list[Row | None] = []  # the row in each slot in use; None: free again
+        self.replies = _Replies() if self.guesses else None
+        self.prefix: list[int] = []
+        self._shared = DynamicCache(config=model.config)
+        self._warp = LogitsProcessorList()
+        if temperature > 0:  # what ``generate`` applies: temperature, top-p, the model's top-k
+            self._warp.append(TemperatureLogitsWarper(temperature))
+            if model.generation_config.top_k:
+                self._warp.append(TopKLogitsWarper(model.generation_config.top_k))
+            self._warp.append(TopPLogitsWarper(top_p))
+        self._generator = torch.Generator().manual_seed(seed)
+        self._restore: str | None = None
+
+    def __enter__(self) -> SlotBatch:
+        self._restore = self.model.config._attn_implementation
+        supports = getattr(self.model, "_supports_attention_backend", False)
+        if self.guesses and self._restore == "sdpa" and supports:
+            # others keep their own attention: several tokens per row are still right, only slower
+            self.model.set_attn_implementation(ATTENTION)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._restore is not None and self.model.config._attn_implementation != self._restore:
+            self.model.set_attn_implementation(self._restore)
+
+    @property
+    def busy(self) -> int:
+        """Rows decoding."""
+        return sum(row is not None for row in self.live)
+
+    @property
+    def free(self) -> int:
+        """Prompts that can join now."""
+        return self.slots - self.busy
+
+    def set_prefix(self, tokens: Sequence[int]) -> None:
+        """Compute the keys/values of ``tokens`` once; prompts starting with them reuse them."""
+        self.prefix = list(tokens)
+        self._shared = DynamicCache(config=self.model.config)
+        device = self.model.device
+        self.model(torch.tensor([self.prefix], device=device), past_key_values=self._shared)
+
+    def add(self, key: Any, prompt: Sequence[int], max_new_tokens: int) -> Row:
+        """Prefill ``prompt`` into a free slot and pick its first token; a row that is already
+        ``done`` (one-token budget, an end token) leaves the slot free."""
+        began = time.perf_counter()
+        start = len(self.prefix)
+        if len(prompt) <= start or list(prompt[:start]) != self.prefix:
+            start = 0
+        cache = DynamicCache(config=self.model.config)
+        for number, layer in enumerate(self._shared.layers if start else []):
+            cache.update(layer.keys, layer.values, number)  # copied: update concatenates
+        device = self.model.device
+        out = self.model(
+            torch.tensor([list(prompt[start:])], device=device),
+            position_ids=torch.arange(start, len(prompt), device=device)[None, :],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        slot = next((s for s, row in enumerate(self.live) if row is None), len(self.live))
+        if slot == len(self.live):
+            self.live.append(None)
+        rows = self.decoder.slots
+        if len(self.live) > rows:  # grow by doubling: each growth copies the rows
+            rows = min(self.slots, max(len(self.live), 2 * rows))
+        self.decoder.reserve(rows, _rounded(len(prompt) + max_new_tokens + self.guesses))
+        self.decoder.load(slot, cache, len(prompt))
+        row = Row(key, max_new_tokens, _Lookup(prompt, self.replies) if self.guesses else None)
+        self._push(row, self._choose(out.logits[:, -1, :].float().cpu())[0])
+        row.seconds = time.perf_counter() - began
+        if not row.done:
+            self.live[slot] = row
+        return row
+
+    def drop(self, row: Row) -> None:
+        """Free ``row``'s slot (its caller no longer wants the reply)."""
+        self.live[self.live.index(row)] = None
+
+    def step(self) -> list[Row]:
+        """One decode step of every row; the rows, each with the tokens it kept appended (a row
+        whose reply ended is ``done`` and its slot free)."""
+        slots = [slot for slot, row in enumerate(self.live) if row is not None]
+        if slots != list(range(len(slots))):
+            self.decoder.compact(slots)
+        rows = [row for row in self.live if row is not None]
+        self.live = list(rows)
+        drafts = [
+            row.lookup.guess(min(self.guesses, row.budget - len(row.tokens) - 1))
+            if row.lookup is not None
+            else []
+            for row in rows
+        ]
+        fed = 1 + max(len(d) for d in drafts)
+        began = time.perf_counter()
+        logits = self.decoder.step(
+            [
+                [row.tokens[-1], *d, *[row.tokens[-1]] * (fed - 1 - len(d))]
+                for row, d in zip(rows, drafts, strict=True)
+            ]
+        )
+        flat = self._choose(logits.flatten(0, 1))  # one call for every row and fed token
+        picked = [flat[row * fed : (row + 1) * fed] for row in range(len(rows))]
+        kept = []
+        for draft, chosen in zip(drafts, picked, strict=True):
+            right = 0
+            while right < len(draft) and draft[right] == chosen[right]:
+                right += 1
+            kept.append(right + 1)
+        self.decoder.advance(kept)
+        share = (time.perf_counter() - began) / len(rows)
+        for slot, (row, chosen, keep) in enumerate(zip(rows, picked, kept, strict=True)):
+            row.seconds += share
+            for token in chosen[:keep]:
+                self._push(row, token)
+                if row.done:
+                    self.live[slot] = None
+                    break
+        return rows
+
+    def _push(self, row: Row, token: int) -> None:
+        row.tokens.append(token)
+        if row.lookup is not None:
+            row.lookup.push(token)
+        row.done = token in self.eos_ids or len(row.tokens) >= row.budget
+        if row.done and self.replies is not None:
+            self.replies.add(row.tokens, self.guesses)
+
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1).tolist()
+        probs = torch.softmax(self._warp(None, logits), dim=-1)
+        return torch.multinomial(probs, 1, generator=self._generator)[:, 0].tolist()
+
+
+def _rounded(tokens: int, block: int = 256) -> int:
+    """``tokens`` rounded up to whole blocks, so that slightly longer prompts do not each
+    reallocate every row."""
+    return -(-tokens // block) * block
 
 
 def slot_generate(
@@ -300,123 +502,28 @@ def slot_generate(
     """
     if not prompts:
         return
-    device = model.device
     prefix = shared_prefix(prompts) if len(prompts) > 1 else 0
-    prefix = prefix if prefix >= MIN_SHARED_PREFIX else 0
     guesses = guesses if temperature <= 0 else 0
-    decoder = SlotDecoder(
+    batch = SlotBatch(
         model,
         min(slots, len(prompts)),
-        max(len(p) for p in prompts) + max_new_tokens + guesses,
+        eos_ids=eos_ids,
+        guesses=guesses,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        capacity=max(len(p) for p in prompts) + max_new_tokens + guesses,
     )
-    warp = LogitsProcessorList()
-    if temperature > 0:  # what ``generate`` applies: our temperature and top-p, the model's top-k
-        warp.append(TemperatureLogitsWarper(temperature))
-        if model.generation_config.top_k:
-            warp.append(TopKLogitsWarper(model.generation_config.top_k))
-        warp.append(TopPLogitsWarper(top_p))
-    generator = torch.Generator().manual_seed(seed)
-
-    def choose(logits: torch.Tensor) -> list[int]:
-        if temperature <= 0:
-            return logits.argmax(dim=-1).tolist()
-        probs = torch.softmax(warp(None, logits), dim=-1)
-        return torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
-
-    def done(tokens: list[int]) -> bool:
-        return tokens[-1] in eos_ids or len(tokens) >= max_new_tokens
-
-    queue = iter(range(len(prompts)))
-    finished: list[tuple[int, list[int], float]] = []
-    live: list[_Row | None] = [None] * decoder.slots
-    shared = DynamicCache(config=model.config)
-    replies = _Replies() if guesses else None
-
-    def admit(slot: int) -> None:
-        """Prefill the next prompt into ``slot`` (None when the queue is empty)."""
-        for index in queue:
-            began = time.perf_counter()
-            cache = DynamicCache(config=model.config)
-            for number, layer in enumerate(shared.layers if prefix else []):
-                cache.update(layer.keys, layer.values, number)  # copied: update concatenates
-            prompt = prompts[index]
-            out = model(
-                torch.tensor([prompt[prefix:]], device=device),
-                position_ids=torch.arange(prefix, len(prompt), device=device)[None, :],
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            decoder.load(slot, cache, len(prompt))
-            token = choose(out.logits[:, -1, :].float().cpu())[0]
-            row = _Row(
-                index,
-                _Lookup(prompt, replies) if guesses else None,
-                token,
-                time.perf_counter() - began,
-            )
-            if not done(row.tokens):
-                live[slot] = row
-                return
-            finished.append((row.index, row.tokens, row.seconds))
-        live[slot] = None
-
-    restore = model.config._attn_implementation
-    if guesses and restore == "sdpa" and getattr(model, "_supports_attention_backend", False):
-        # others keep their own attention: several tokens per row are still right, only slower
-        model.set_attn_implementation(ATTENTION)
-    try:
-        with torch.inference_mode():
-            if prefix:
-                model(torch.tensor([prompts[0][:prefix]], device=device), past_key_values=shared)
-            for slot in range(decoder.slots):
-                admit(slot)
-            while True:
-                yield from finished
-                finished.clear()
-                active = [slot for slot, row in enumerate(live) if row is not None]
-                if not active:
-                    return
-                if len(active) < len(live):  # the queue is empty: shrink to the rows still going
-                    decoder.keep(active)
-                    live = [live[slot] for slot in active]
-                rows = [row for row in live if row is not None]
-                drafts = [
-                    row.lookup.guess(min(guesses, max_new_tokens - len(row.tokens) - 1))
-                    if row.lookup is not None
-                    else []
-                    for row in rows
-                ]
-                fed = 1 + max(len(d) for d in drafts)
-                began = time.perf_counter()
-                logits = decoder.step(
-                    [
-                        [row.tokens[-1], *d, *[row.tokens[-1]] * (fed - 1 - len(d))]
-                        for row, d in zip(rows, drafts, strict=True)
-                    ]
-                )
-                flat = choose(logits.flatten(0, 1))  # one call for every row and fed token
-                picked = [flat[row * fed : (row + 1) * fed] for row in range(len(rows))]
-                kept = []
-                for draft, chosen in zip(drafts, picked, strict=True):
-                    right = 0
-                    while right < len(draft) and draft[right] == chosen[right]:
-                        right += 1
-                    kept.append(right + 1)
-                decoder.advance(kept)
-                share = (time.perf_counter() - began) / len(rows)
-                for slot, (row, chosen, keep) in enumerate(zip(rows, picked, kept, strict=True)):
-                    row.seconds += share
-                    for token in chosen[:keep]:
-                        row.tokens.append(token)
-                        if row.lookup is not None:
-                            row.lookup.push(token)
-                        if done(row.tokens):
-                            finished.append((row.index, row.tokens, row.seconds))
-                            if replies is not None:
-                                replies.add(row.tokens, guesses)
-                            admit(slot)
-                            break
-    finally:
-        if model.config._attn_implementation != restore:
-            model.set_attn_implementation(restore)
+    waiting = deque(range(len(prompts)))
+    with torch.inference_mode(), batch:
+        if prefix >= MIN_SHARED_PREFIX:
+            batch.set_prefix(prompts[0][:prefix])
+        while waiting or batch.busy:
+            while waiting and batch.free:
+                index = waiting.popleft()
+                row = batch.add(index, prompts[index], max_new_tokens)
+                if row.done:
+                    yield index, row.tokens, row.seconds
+            for row in batch.step() if batch.busy else []:
+                if row.done:
+                    yield row.key, row.tokens, row.seconds

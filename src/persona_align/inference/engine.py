@@ -13,7 +13,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -49,14 +49,38 @@ class ReplyError(Exception):
         self.code = code
 
 
+class Cancelled(Exception):
+    """The reply was called off by its caller (``Watch.cancel``) before it was finished."""
+
+
 @dataclass(frozen=True)
 class ReplyParams:
-    """Decoding settings of one reply; temperature 0 is greedy, as PersoBench decodes."""
+    """Decoding settings of one reply; temperature 0 is greedy, as PersoBench decodes.
+    ``max_prompt_tokens`` bounds the prompt a policy builds (None: the model's context)."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = 0
+    max_prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Watch:
+    """A reply's caller as the engine sees it: told of the text as it is generated
+    (``on_text``, called with each new piece on the thread that asked for the reply), and able
+    to call the reply off (``cancel``: its client hung up), which frees its decoding slot at
+    the next step."""
+
+    on_text: Callable[[str], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def quiet(self) -> Watch:
+        """The same cancellation without the text (for a pass whose text is not the reply)."""
+        return Watch(None, self.cancelled)
 
 
 @dataclass(frozen=True)
@@ -140,16 +164,19 @@ class Conversation:
 
 
 class Engine:
-    """A causal LM and its tokenizer, generating one prompt at a time under a lock.
+    """A causal LM and its tokenizer; every reply is generated on one model thread
+    (``inference.scheduler``), where up to ``batch_size`` greedy replies decode together.
 
     The decoding matches ``HFResponder`` for a single prompt (same chat template, no special
     tokens added, cut after the first end-of-sequence token), so a served model answers a
-    PersoBench prompt exactly as ``generate`` would. Greedy requests go through one decoding
-    slot, which checks looked-up guesses (``generation.slots``; 1.3x ``model.generate`` on
-    SmolLM2 here, same replies); sampled ones through ``model.generate``.
+    PersoBench prompt exactly as ``generate`` would, however many requests share its steps.
+    Greedy requests go through decoding slots that check looked-up guesses
+    (``generation.slots``); sampled ones through ``model.generate``.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, name: str) -> None:
+    def __init__(self, model: Any, tokenizer: Any, name: str, batch_size: int = 8) -> None:
+        from persona_align.inference.scheduler import Scheduler  # torch: not at CLI start-up
+
         if not getattr(tokenizer, "chat_template", None):
             raise InputError(None, f"model {name!r} has no chat template; it needs a chat model")
         if tokenizer.pad_token is None:
@@ -160,17 +187,28 @@ class Engine:
         eos = model.generation_config.eos_token_id
         self._eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
         self.max_context: int | None = getattr(model.config, "max_position_embeddings", None)
-        self._lock = threading.Lock()
+        self.scheduler = Scheduler(model, self._eos_ids, tokenizer.pad_token_id, batch_size)
 
-    def generate(self, messages: Sequence[Message], params: ReplyParams) -> Generation:
-        """Answer one chat; ReplyError (code context_length_exceeded) when it cannot fit."""
-        import torch
+    def stats(self) -> dict[str, int]:
+        """Replies decoding now, and the model thread's counts (``Scheduler.stats``)."""
+        return {"rows": self.scheduler.rows, **self.scheduler.stats}
 
+    def close(self) -> None:
+        """Let the replies asked for finish, then end the model thread."""
+        self.scheduler.close()
+
+    def generate(
+        self, messages: Sequence[Message], params: ReplyParams, watch: Watch | None = None
+    ) -> Generation:
+        """Answer one chat. ReplyError when the prompt cannot fit (code
+        context_length_exceeded) or is over ``params.max_prompt_tokens`` (prompt_too_long);
+        Cancelled when ``watch`` calls the reply off."""
         from persona_align.generation import slots
+        from persona_align.inference.scheduler import Job
 
         text = render_chat(self.tokenizer, messages)
-        enc = self.tokenizer([text], return_tensors="pt", add_special_tokens=False)
-        prompt_tokens = int(enc["input_ids"].shape[1])
+        prompt = self.tokenizer(text, add_special_tokens=False).input_ids
+        prompt_tokens = len(prompt)
         if self.max_context is not None and prompt_tokens + params.max_tokens > self.max_context:
             raise ReplyError(
                 f"the prompt has {prompt_tokens} tokens and max_tokens is {params.max_tokens}; "
@@ -178,52 +216,61 @@ class Engine:
                 param="messages",
                 code="context_length_exceeded",
             )
-        sampling: dict[str, Any] = (
-            {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-            if params.temperature > 0
-            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        )
-        greedy = params.temperature <= 0 and slots.supported(
-            self.model, prompt_tokens + params.max_tokens
-        )
-        with self._lock:
-            if greedy:
-                ((_, tokens, _),) = slots.slot_generate(
-                    self.model,
-                    enc["input_ids"].tolist(),
-                    max_new_tokens=params.max_tokens,
-                    eos_ids=self._eos_ids,
-                    slots=1,
-                )
-            else:
-                if params.seed is None:
-                    torch.seed()  # a fresh draw, as OpenAI samples without a seed
-                else:
-                    torch.manual_seed(params.seed)
-                with torch.inference_mode():
-                    out = self.model.generate(
-                        **enc,
-                        max_new_tokens=params.max_tokens,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        **sampling,
-                    )
-                tokens = out[0, prompt_tokens:].tolist()
+        if params.max_prompt_tokens is not None and prompt_tokens > params.max_prompt_tokens:
+            raise ReplyError(
+                f"the prompt has {prompt_tokens} tokens; this server takes prompts of at most "
+                f"{params.max_prompt_tokens}",
+                param="messages",
+                code="prompt_too_long",
+            )
+        watch = watch or Watch()
+        sampling: dict[str, Any] | None = None  # greedy, in a decoding slot
+        if params.temperature > 0:
+            sampling = {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+        elif not slots.supported(self.model, prompt_tokens + params.max_tokens):
+            sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        job = Job(prompt, params.max_tokens, watch.cancelled, sampling, params.seed)
+        self.scheduler.submit(job)
+        tokens: list[int] = []
+        shown = ""  # the text passed to watch.on_text so far
+        try:
+            for new in job.tokens():
+                tokens += new
+                if watch.on_text is not None:
+                    shown = self._show(tokens, shown, watch.on_text)
+        except BaseException:
+            watch.cancel()  # the caller is gone (Cancelled) or failing: free the slot
+            raise
         stop = next((k + 1 for k, t in enumerate(tokens) if t in self._eos_ids), None)
         completion = stop if stop is not None else len(tokens)
         finish: FinishReason = (
             "length" if stop is None and completion >= params.max_tokens else "stop"
         )
+        raw = self.tokenizer.decode(tokens[:completion], skip_special_tokens=True)
+        if watch.on_text is not None and raw.startswith(shown) and raw != shown:
+            watch.on_text(raw[len(shown) :])
         return Generation(
-            raw=self.tokenizer.decode(tokens[:completion], skip_special_tokens=True),
+            raw=raw,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion,
             finish_reason=finish,
         )
 
+    def _show(self, tokens: list[int], shown: str, on_text: Callable[[str], None]) -> str:
+        """Pass on the text ``tokens`` add to ``shown``; a piece that may still change (a
+        character whose bytes are not all there yet) waits for the next tokens."""
+        stop = next((k + 1 for k, t in enumerate(tokens) if t in self._eos_ids), len(tokens))
+        text = self.tokenizer.decode(tokens[:stop], skip_special_tokens=True)
+        if len(text) > len(shown) and text.startswith(shown) and not text.endswith("\ufffd"):
+            on_text(text[len(shown) :])
+            return text
+        return shown
 
-def load_engine(name: str, dtype: str = "float32") -> Engine:
+
+def load_engine(name: str, dtype: str = "float32", batch_size: int = 8) -> Engine:
     """``embedded``, a checkpoint folder, a hub id, or a PEFT adapter folder (merged into its
-    base by ``models.load_causal_lm``; its own tokenizer when one is saved beside it)."""
+    base by ``models.load_causal_lm``; its own tokenizer when one is saved beside it);
+    ``batch_size`` greedy replies decode together."""
     if dtype not in DTYPES:
         raise InputError(None, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     path = Path(name).expanduser()
@@ -232,7 +279,7 @@ def load_engine(name: str, dtype: str = "float32") -> Engine:
     ):
         raise InputError(path, "not a model folder: no config.json or adapter_config.json")
     model, tokenizer = load_causal_lm(name, dtype)
-    return Engine(model, tokenizer, name)
+    return Engine(model, tokenizer, name, batch_size)
 
 
 def served_name(name: str) -> str:
@@ -256,7 +303,11 @@ class ReplyPolicy(ABC):
         """Refuse (ReplyError) a conversation this policy cannot answer, before it is queued."""
 
     @abstractmethod
-    def reply(self, conversation: Conversation, params: ReplyParams) -> Reply: ...
+    def reply(
+        self, conversation: Conversation, params: ReplyParams, watch: Watch | None = None
+    ) -> Reply:
+        """The reply; the text passed to ``watch.on_text`` (if any) is a prefix of its
+        ``content``, so a streaming caller sends the rest once it has the reply."""
 
 
 PolicyFactory = Callable[..., ReplyPolicy]
@@ -318,10 +369,13 @@ class PersoBenchPolicy(ReplyPolicy):
         self.validate(conversation)
         return Dialogue(id="chat", persona=conversation.persona, context=conversation.context)
 
-    def reply(self, conversation: Conversation, params: ReplyParams) -> Reply:
+    def reply(
+        self, conversation: Conversation, params: ReplyParams, watch: Watch | None = None
+    ) -> Reply:
         messages = persobench_messages(self.dialogue(conversation), self.variant, self.word_limit)
         began = time.perf_counter()
-        out = self.engine.generate(messages, params)
+        # the content is extracted from the whole output: no text to pass on before it
+        out = self.engine.generate(messages, params, watch.quiet() if watch else None)
         response = extract_response(out.raw, self.extraction)
         return Reply(
             content=out.raw if response is None else response,
@@ -341,9 +395,11 @@ class RawPolicy(ReplyPolicy):
 
     name = "raw"
 
-    def reply(self, conversation: Conversation, params: ReplyParams) -> Reply:
+    def reply(
+        self, conversation: Conversation, params: ReplyParams, watch: Watch | None = None
+    ) -> Reply:
         began = time.perf_counter()
-        out = self.engine.generate(conversation.messages(), params)
+        out = self.engine.generate(conversation.messages(), params, watch)
         return Reply(
             content=out.raw,
             raw=out.raw,

@@ -29,6 +29,7 @@ from persona_align.inference.engine import (
     ReplyError,
     ReplyParams,
     ReplyPolicy,
+    Watch,
     register_policy,
 )
 from persona_align.preference.pal import (
@@ -333,7 +334,8 @@ def select_then_generate_one(
 class SelectThenGenerateReplyPolicy(ReplyPolicy):
     """PAL's inference behind the chat server: pass 1 names the persona sentence to use (the
     model's own choice), pass 2 answers with it highlighted. Both passes go through the
-    engine (its lock, its token counts); the config must match the one stage 1 trained with."""
+    engine (its model thread, its token counts); the config must match the one stage 1
+    trained with."""
 
     name = "select-then-generate"
 
@@ -354,21 +356,23 @@ class SelectThenGenerateReplyPolicy(ReplyPolicy):
         if not conversation.context:
             raise ReplyError("no dialogue turns to answer", param="messages")
 
-    def reply(self, conversation: Any, params: ReplyParams) -> Reply:
+    def reply(self, conversation: Any, params: ReplyParams, watch: Watch | None = None) -> Reply:
         self.validate(conversation)
         began = time.perf_counter()
+        quiet = watch.quiet() if watch else None  # the content is extracted at the end
         dialogue = Dialogue(id="chat", persona=conversation.persona, context=conversation.context)
         first = self.engine.generate(
             select_messages(dialogue, self.config.system),
             replace(
                 params, temperature=0.0, max_tokens=min(params.max_tokens, SELECT_MAX_NEW_TOKENS)
             ),
+            quiet,
         )
         index, _ = match_persona(first.raw, dialogue.persona, self.threshold)
         selected = None if index is None else dialogue.persona[index]
         messages = persona_messages(dialogue, selected, self.config.response_format,
                                     self.config.word_limit, self.config.system)  # fmt: skip
-        second = self.engine.generate(messages, params)
+        second = self.engine.generate(messages, params, quiet)
         response = read_reply(second.raw, self.config.response_format, GenerationParams())
         return Reply(
             content=second.raw if response is None else response,

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import random
 import sys
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from persona_align.data.nli import read_nli
 from persona_align.training.cross_encoder import FitSettings
 from persona_align.training.judge import train_judge
 
-DNLI_PAIRS = 3000
 ASSEMBLED = Path("/tmp/judge-data")  # where `build.py assemble` wrote the files
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "persona_align" / "sample_data"
 
@@ -45,12 +43,11 @@ def main() -> None:
         )  # fmt: skip
     elif task == "c":
         dnli = read_nli(build.DATA / "nli/dnli_songhaoyu_RCDG/nli-train.txt", "dnli")
-        dnli = random.Random(0).sample(dnli, DNLI_PAIRS)  # as many as our own labels
         result = train_judge(
             "c", out, train=[assembled / "c-train.jsonl"], dnli=dnli,
             dev=[build.DATA / "persona-consistency/focus-dev.jsonl",
                  assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
-            settings=FitSettings(epochs=3, lr=5e-4, batch_size=32, max_length=256, bf16=True,
+            settings=FitSettings(epochs=2, lr=5e-4, batch_size=32, max_length=256, bf16=True,
                                  init="embedded-nli"),
             progress=console,
         )  # fmt: skip

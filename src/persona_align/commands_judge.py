@@ -97,12 +97,13 @@ def judge_eval(
         name = judge
     else:
         name = model or DEFAULT_JUDGES[task]
-        scorer = PairClassifier(name)
         if task == "coh" or _task_of(name) == "coh":
             try:
                 scorer = CoherenceJudge(judge_folder(name))
             except Unavailable as why:
                 raise InputError(None, f"judge {name!r} is unavailable: {why}") from None
+        else:
+            scorer = PairClassifier(name)
     try:
         scorer.load()
     except Unavailable as why:

@@ -19,7 +19,7 @@ from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.coherence_judge import CoherenceJudge, coherence_input
 from persona_align.metrics.loading import first_line, pretrained_source
-from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, embedded_dir
+from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, device, embedded_dir
 from persona_align.models import DTYPES, load_causal_lm, model_version, resolve, tree_digest
 from persona_align.prompting import (
     MIN_SHARED_PREFIX,
@@ -37,12 +37,6 @@ JUDGE_PROMPT = (
     "Response: {response}\n\n"
     "Is this a coherent response given the dialogue history? Answer Yes or No."
 )
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _length_batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
@@ -146,7 +140,7 @@ class CohUniEval(Metric):
             raise Unavailable(f"{self.model_name!r} has no decoder_start_token_id")
         tokenizer.padding_side = "right"
         self._yes, self._no = _answer_ids(tokenizer, ["Yes"], ["No"])
-        self._model, self._tokenizer = model.to(_device()).eval(), tokenizer
+        self._model, self._tokenizer = model.to(device()).eval(), tokenizer
         self._version = model_version(self.model_name)
 
     def inputs(self, items: Sequence[ScoreItem]) -> list[str]:
@@ -246,7 +240,7 @@ class CohLLMJudge(Metric):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._yes, self._no = _answer_ids(tokenizer, ["Yes", " Yes"], ["No", " No"])
-        self._model, self._tokenizer = model.to(_device()), tokenizer
+        self._model, self._tokenizer = model.to(device()), tokenizer
         self._version = model_version(self.model_name)
 
     def prompts(self, items: Sequence[ScoreItem]) -> list[str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from persona_align.data.persobench import parse_context
 from persona_align.data.text import split_sentences
 from persona_align.errors import InputError
 from persona_align.records import JudgeItem, Turn
@@ -45,13 +46,6 @@ def c_pair(
     if context:
         head += f" | they said: {_last_words(context[-1].text, LAST_TURN_WORDS)}"
     return head, reply
-
-
-def parse_context(text: str) -> list[Turn]:
-    """``User1: ...`` lines (the judge-file format) into turns; see ``data.persobench``."""
-    from persona_align.data.persobench import parse_context as parse
-
-    return parse(text)
 
 
 def read_judge_items(path: str | Path) -> list[JudgeItem]:

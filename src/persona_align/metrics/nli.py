@@ -102,7 +102,8 @@ def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int
     return found
 
 
-def _device() -> str:
+def device() -> str:
+    """Where our metric models run: a GPU when there is one (results return to the CPU)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -187,7 +188,7 @@ class PairClassifier:
         self.max_length = self.spec.get("max_length")
         root = Path(location)
         self.version = tree_digest(root) if root.is_dir() else location
-        model.eval().to(_device())
+        model.eval().to(device())
         if self.dtype == "bfloat16":
             model.to(torch.bfloat16)
         self.model, self.tokenizer = model, tokenizer

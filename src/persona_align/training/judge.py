@@ -33,7 +33,7 @@ from persona_align.metrics.judges import (
     c_label_index,
     c_pair,
     evaluate_judge,
-    parse_context,
+    item_context,
     persona_sentences,
     read_judge_items,
 )
@@ -272,7 +272,7 @@ def _fit_coherence(
     labels = [label for _, label, _ in examples]
     sources = {f"dialogues:{k}": n for k, n in Counter(k for _, _, k in examples).items()}
     for item in items:
-        context = parse_context(item.context) if item.context.strip() else []
+        context = item_context(item)
         if context:
             inputs.append(coherence_input(context, item.reply, persona_sentences(item.persona)))
             labels.append(item.label)

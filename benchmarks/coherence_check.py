@@ -1,6 +1,8 @@
 """Can the coherence judge tell a real next turn from a wrong one? And does it agree with readers?
 
-On FoCus valid dialogues (never trained on), each dialogue's gold next turn is scored against
+On FoCus valid dialogues (rows < 800, never trained on: the judge's reader-labelled training
+replies answer rows >= 800, see judge_data/build.py), each dialogue's gold next turn is scored
+against
 (a) the gold turn of another dialogue, (b) an earlier turn of the same speaker in the same
 dialogue (an answer to another question about the same place), (c) a degenerate repetition
 of the gold turn. Reported per judge: AUC (gold vs negatives) and the paired win rate (gold
@@ -9,7 +11,7 @@ scores higher than its own negative). The same on held-out Synthetic-PersonaChat
 real LLM replies to FoCus valid prompts (judge_data/labels/coh-00.a.jsonl; 100 of them double-
 labelled, reader-reader kappa printed), at the 0.5 threshold, and replies/s on this machine.
 
-    .venv/bin/python benchmarks/coherence_check.py [--judges coh,coh-smollm2] [--limit 1000]
+    .venv/bin/python benchmarks/coherence_check.py [--judges coh,coh-smollm2] [--limit 800]
 """
 
 from __future__ import annotations
@@ -126,7 +128,12 @@ def reader_agreement(metric) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judges", default="coh,coh-smollm2")
-    parser.add_argument("--limit", type=int, default=1000, help="FoCus valid dialogues")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=build.FOCUS_COH_TRAIN_FROM,
+        help="FoCus valid dialogues (the rows from FOCUS_COH_TRAIN_FROM on have trained replies)",
+    )
     parser.add_argument(
         "--baseline-limit",
         type=int,
@@ -143,7 +150,9 @@ def main() -> None:
         key, _, value = pair.partition("=")
         metric, _, option = key.partition(".")
         options.setdefault(metric, {})[option] = value
-    focus = read_dialogues("persobench-csv", build.FOCUS_PROMPTS)[: args.limit]
+    focus = read_dialogues("persobench-csv", build.FOCUS_PROMPTS)[
+        : min(args.limit, build.FOCUS_COH_TRAIN_FROM)
+    ]
     chat = build.chitchat_dialogues(range(build.CHITCHAT_DEV_FROM, 966))
     sets = {"FoCus valid": negatives(focus), "Synthetic-PersonaChat held-out": negatives(chat)}
     print(describe())

@@ -24,6 +24,9 @@ CHITCHAT = DATA / "persobench-chitchat" / "synthetic-personachat.csv"
 SHOWN_TURNS = 4  # context turns shown to readers (and given to the judge)
 # Synthetic-PersonaChat dialogues with index >= this are our self-role dev split.
 CHITCHAT_DEV_FROM = 800
+# FoCus valid prompts with row >= this may have coherence-labelled replies the coherence judge
+# trains on; the coherence check's separation cases use the rows below it.
+FOCUS_COH_TRAIN_FROM = 800
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -135,6 +138,21 @@ def make_items(out: Path) -> None:
     write_batches(chat[:900], out, "c-self", 150)
     write_batches(focus[1350:1600], out, "x-user", 125)
     write_batches([i for i in chat[900:] if i["split"] == "train"][:250], out, "x-self", 125)
+    # the second written round (edit / support / control): replies to prompts and dialogues
+    # the first round's written items (whose fifth is held out) did not touch
+    first_focus = {i["row"] for i in focus[1350:1600]}
+    fresh_focus = [i for i in focus[1600:] if i["row"] not in first_focus]
+    chat_train = [i for i in chat[900:] if i["split"] == "train"]
+    first_chat = {i["row"] for i in chat_train[:250]}
+    fresh_chat = [i for i in chat_train[250:] if i["row"] not in first_chat]
+    for round_, start in (("x2", 0), ("x3", 1)):  # the third round as the second, on new items
+        write_batches(fresh_focus[500 * start : 500 * (start + 1)], out, f"{round_}-user", 125)
+        write_batches(fresh_chat[250 * start : 250 * (start + 1)], out, f"{round_}-self", 125)
+    # coherence training labels: replies to rows the evaluated replies (focus[1600:1820]) and
+    # the separation cases (rows < FOCUS_COH_TRAIN_FROM) do not use
+    evaluated = {i["row"] for i in focus[1600:1820]}
+    write_batches([i for i in focus[2400:] if i["row"] >= FOCUS_COH_TRAIN_FROM
+                   and i["row"] not in evaluated][:1000], out, "coh-train", 200)  # fmt: skip
     print(f"{len(focus)} FoCus replies, {len(chat)} chit-chat turns")
 
 
@@ -166,11 +184,14 @@ def assemble(out: Path) -> None:
     """Join items and labels into the C judge's files:
 
     - ``c-train.jsonl``: read replies (FoCus valid prompts, user role; Synthetic-PersonaChat
-      dialogues < CHITCHAT_DEV_FROM, self role) and the written edits of 4 items in 5;
+      dialogues < CHITCHAT_DEV_FROM, self role), the written edits of 4 items in 5 of the
+      first round and all of the second round (edit / support / control / natural);
     - ``c-dev-self.jsonl``: read replies of the held-out Synthetic-PersonaChat dialogues;
     - ``c-edits-eval.jsonl``: the minimal edits, controls and natural contradictions of every
       5th written item (held out: contradiction recall is measured on it);
-    - ``coh-readers.jsonl``: the first reader's coherence labels (evaluation only).
+    - ``coh-readers.jsonl``: the first reader's coherence labels (evaluation only);
+    - ``coh-train.jsonl``: coherence labels of replies to FoCus valid rows >=
+      FOCUS_COH_TRAIN_FROM (the coherence judge trains on them).
     """
     items = {item["id"]: item for item in focus_items() + chitchat_items()}
     train, dev_self, edits_eval = [], [], []
@@ -190,13 +211,29 @@ def assemble(out: Path) -> None:
                 target.append(judge_record(item, reply, label, kind))
         if written.get("natural"):
             target.append(judge_record(item, written["natural"], -1, "natural"))
-    coherence = []
+    for written in read_labels("x[23]-*.jsonl"):  # the second and third rounds: training only
+        item = items[written["item"]]
+        for kind, change, label in (
+            ("edit", written.get("edit"), -1),
+            ("support", written.get("support"), 1),
+            ("control", written.get("control"), (written.get("control") or {}).get("label")),
+        ):
+            reply = edited(item["reply"], change) if change else None
+            if reply is not None and label in (-1, 0, 1):
+                train.append(judge_record(item, reply, label, kind))
+        if written.get("natural"):
+            train.append(judge_record(item, written["natural"], -1, "natural"))
+    coherence, coherence_train = [], []
     for label in read_labels("coh-00.a.jsonl"):
         item = items[label["item"].removeprefix("coh-")]
         coherence.append(judge_record(item, item["reply"], label["label"], "read"))
+    for label in read_labels("coh-train-*.a.jsonl"):
+        item = items[label["item"].removeprefix("coh-")]
+        coherence_train.append(judge_record(item, item["reply"], label["label"], "read"))
     out.mkdir(parents=True, exist_ok=True)
     for name, records in (("c-train", train), ("c-dev-self", dev_self),
-                          ("c-edits-eval", edits_eval), ("coh-readers", coherence)):  # fmt: skip
+                          ("c-edits-eval", edits_eval), ("coh-readers", coherence),
+                          ("coh-train", coherence_train)):  # fmt: skip
         with (out / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -391,7 +391,7 @@ def test_train_judge_writes_a_loadable_judge(tmp_path: Path, tiny_encoder: Path,
 def test_train_coherence_judge_writes_a_loadable_judge(tmp_path: Path, cli) -> None:
     from persona_align.metrics.coherence_judge import HEADS
     from persona_align.training.cross_encoder import FitSettings
-    from persona_align.training.judge import train_judge
+    from persona_align.training.judge import COH_SEEDS, train_judge
 
     sample = Path(__file__).parents[1] / "src/persona_align/sample_data/train.jsonl"
     dialogues = read_dialogues("jsonl", sample)[:12]
@@ -404,7 +404,41 @@ def test_train_coherence_judge_writes_a_loadable_judge(tmp_path: Path, cli) -> N
 
     with np.load(tmp_path / "coh" / "head.npz") as weights:
         assert {key.split("/")[0] for key in weights.files} == set(HEADS)
+        members = {key.rpartition("/")[0] for key in weights.files}
+        assert len(members) == len(HEADS) * COH_SEEDS
+        # the seed members differ: an ensemble, not one head saved five times
+        assert len({weights[f"{m}/w1"].tobytes() for m in members}) == len(members)
     ran = cli(
         "judge", "eval", "--data", dev, "--task", "coh", "--model", tmp_path / "coh", "--json"
     )
     assert ran.code == 0 and ran.summary["accuracy"] == result.dev["dev.jsonl"]["accuracy"]
+
+
+def test_labelled_weight_lets_few_read_labels_outweigh_many_pseudo_labels(tmp_path: Path) -> None:
+    import numpy as np
+
+    from persona_align.training.judge import fit_coherence_head, train_judge
+
+    rng = np.random.default_rng(0)
+    # the same feature region: 200 pseudo-labelled "coherent" rows, 20 read "incoherent" ones
+    matrix = np.concatenate([rng.normal(1, 0.1, (220, 2)), rng.normal(-1, 0.1, (200, 2))])
+    labels = np.array([1] * 200 + [0] * 20 + [0] * 200)
+    read = np.array([False] * 200 + [True] * 20 + [False] * 200)
+    found = {}
+    for weight in (1.0, 40.0):
+        head, _ = fit_coherence_head(matrix, labels, epochs=40, lr=1e-2, seed=0, balance=False,
+                                     sample_weight=np.where(read, weight, 1.0))  # fmt: skip
+        hidden = np.maximum(0, (np.array([1.0, 1.0]) - head["mean"]) / head["scale"] @ head["w1"]
+                            + head["b1"])  # fmt: skip
+        found[weight] = float(1 / (1 + np.exp(-(hidden @ head["w2"] + head["b2"])[0])))
+    assert found[1.0] > 0.5 > found[40.0]
+    with pytest.raises(InputError, match="labelled_weight must be positive"):
+        train_judge("coh", tmp_path / "judge", labelled_weight=0)
+
+
+def test_train_judge_command_continues_only_from_adapter_folders(tmp_path: Path, cli) -> None:
+    data = write_items(tmp_path / "train.jsonl", [row("reply", 1)])
+    ran = cli("train", "judge", "c", "-o", tmp_path / "judge", "--train", data,
+              "--init", tmp_path)  # fmt: skip
+    assert ran.code == 2 and "no adapter_config.json" in ran.err
+    assert not (tmp_path / "judge").exists()

@@ -168,6 +168,14 @@ def train_judge_command(
         bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast (AMX CPUs, GPUs).")
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    init: Annotated[
+        str | None,
+        typer.Option(help="C: an adapter to continue from (a folder, or embedded-nli)."),
+    ] = None,
+    labelled_weight: Annotated[
+        float,
+        typer.Option(help="What a --train item counts against a DNLI pair or pseudo-negative."),
+    ] = 1.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a judge (LoRA over the embedded MiniLM) and report it on the --dev files."""
@@ -179,7 +187,7 @@ def train_judge_command(
     if task not in TASKS:
         raise InputError(None, f"task must be one of {', '.join(TASKS)}, got {task!r}")
     settings = FitSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                           bf16=bf16, seed=seed)  # fmt: skip
+                           bf16=bf16, seed=seed, init=init)  # fmt: skip
     result = train_judge(
         task,  # type: ignore[arg-type]
         output,
@@ -188,6 +196,7 @@ def train_judge_command(
         dialogues=[d for path in dialogues or [] for d in read_dialogues("jsonl", path)],
         dnli=read_nli(dnli, "dnli") if dnli else [],
         settings=settings,
+        labelled_weight=labelled_weight,
         progress=None if as_json else console,
     )
     if not as_json:

@@ -81,22 +81,25 @@ HEADS = {
 
 
 class CoherenceHead:
-    """Small MLPs over the features, averaged (numpy at inference; trained with torch)."""
+    """Small MLPs over the features, averaged (numpy at inference; trained with torch).
+
+    ``head.npz`` keys are ``MEMBER/PARAM``; a member is a ``HEADS`` name, optionally with a seed
+    index (``all/0/w1``): members trained from several seeds average out the seed's noise.
+    """
 
     def __init__(self, weights: dict[str, np.ndarray]) -> None:
-        self.heads = {
-            name: {key.split("/", 1)[1]: value for key, value in weights.items()
-                   if key.startswith(f"{name}/")}
-            for name in HEADS
-        }  # fmt: skip
-        missing = [name for name, head in self.heads.items() if not head]
-        if missing:
-            raise Unavailable(f"the coherence head has no {missing[0]!r} weights")
+        self.members: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in weights.items():
+            member, _, param = key.rpartition("/")
+            self.members.setdefault(member, {})[param] = value
+        unknown = [m for m in self.members if m.split("/")[0] not in HEADS]
+        if unknown or not self.members:
+            raise Unavailable(f"the coherence head has an unknown member {(unknown or [''])[0]!r}")
 
     def __call__(self, features: np.ndarray) -> np.ndarray:
         found = []
-        for name, w in self.heads.items():
-            x = features[:, HEADS[name]]
+        for member, w in self.members.items():
+            x = features[:, HEADS[member.split("/")[0]]]
             hidden = np.maximum(0.0, (x - w["mean"]) / w["scale"] @ w["w1"] + w["b1"])
             logits = hidden @ w["w2"] + w["b2"]
             found.append(1 / (1 + np.exp(-logits[:, 0])))

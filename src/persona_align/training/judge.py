@@ -185,6 +185,7 @@ def train_judge(
     dnli: Sequence[NLIPair] = (),
     settings: FitSettings | None = None,
     balance: bool = True,
+    labelled_weight: float = 1.0,
     progress: Any = None,
 ) -> JudgeTrainResult:
     """Train a judge and write it (weights + ``judge.json`` + ``training.json``) to ``out_dir``.
@@ -192,15 +193,19 @@ def train_judge(
     C: ``train`` labelled judge files (the dev set's format) and ``dnli`` pairs. Coherence:
     ``dialogues`` (real turns and pseudo-negatives) and ``train`` files (0/1 labels).
     ``dev`` files are evaluated after training and reported, never trained on.
+    ``labelled_weight``: what one read-and-labelled item counts against one DNLI pair or
+    pseudo-labelled coherence example (there are far fewer of them, and they are the target).
     """
     if task not in TASKS:
         raise InputError(None, f"judge task must be one of {', '.join(TASKS)}, got {task!r}")
+    if not labelled_weight > 0:
+        raise InputError(None, f"labelled_weight must be positive, got {labelled_weight!r}")
     settings = settings or FitSettings()
     out = Path(out_dir)
     check_output(out)
     items: list[JudgeItem] = [item for path in train for item in read_judge_items(path)]
     fit = _fit_c if task == "c" else _fit_coherence
-    result, write = fit(items, dialogues, dnli, settings, balance, progress)
+    result, write = fit(items, dialogues, dnli, settings, balance, labelled_weight, progress)
 
     def finish(tmp: Path) -> None:
         write(tmp)
@@ -224,6 +229,7 @@ def _fit_c(
     dnli: Sequence[NLIPair],
     settings: FitSettings,
     balance: bool,
+    labelled_weight: float,
     progress: Any,
 ) -> tuple[JudgeTrainResult, Writer]:
     pairs = [c_item_pair(i) for i in items]
@@ -236,14 +242,17 @@ def _fit_c(
         sources["dnli"] = len(extra)
     if not pairs:
         raise InputError(None, "no training examples: give --train files (or --dnli)")
+    share = [labelled_weight] * len(items) + [1.0] * (len(pairs) - len(items))
+    weights = _class_weights(labels) if balance else [1.0] * len(labels)
     model, _, config, losses, seconds = fit_pair_classifier(
         pairs, labels, C_LABELS, settings,
-        weights=_class_weights(labels) if balance else None,
+        weights=[w * k for w, k in zip(weights, share, strict=True)]
+        if balance or labelled_weight != 1.0 else None,
         progress=progress, what="training the c judge",
     )  # fmt: skip
     result = JudgeTrainResult(
         "c", len(pairs), len(losses), round(seconds, 1),
-        settings.as_dict() | {"balance": balance}, sources,
+        settings.as_dict() | {"balance": balance, "labelled_weight": labelled_weight}, sources,
         {C_LABELS[k]: v for k, v in sorted(Counter(labels).items())}, loss_curve(losses),
     )  # fmt: skip
     spec = {"task": "c", "max_length": settings.max_length, "format": 1}
@@ -261,6 +270,7 @@ def _fit_coherence(
     dnli: Sequence[NLIPair],
     settings: FitSettings,
     balance: bool,
+    labelled_weight: float,
     progress: Any,
 ) -> tuple[JudgeTrainResult, Writer]:
     import time
@@ -270,12 +280,14 @@ def _fit_coherence(
     examples = coherence_examples(dialogues, seed=settings.seed)
     inputs = [e for e, _, _ in examples]
     labels = [label for _, label, _ in examples]
+    share = [1.0] * len(labels)
     sources = {f"dialogues:{k}": n for k, n in Counter(k for _, _, k in examples).items()}
     for item in items:
         context = item_context(item)
         if context:
             inputs.append(coherence_input(context, item.reply, persona_sentences(item.persona)))
             labels.append(item.label)
+            share.append(labelled_weight)
     if items:
         sources["labelled items"] = len(items)
     if not inputs:
@@ -290,15 +302,16 @@ def _fit_coherence(
     weights: dict[str, Any] = {}
     losses: list[float] = []
     for name, columns in HEADS.items():
-        head, head_losses = fit_coherence_head(
-            matrix[:, columns], np.asarray(labels), epochs=settings.epochs, lr=settings.lr,
-            seed=settings.seed, balance=balance,
-        )  # fmt: skip
-        weights |= {f"{name}/{key}": value for key, value in head.items()}
-        losses += head_losses
+        for member in range(COH_SEEDS):
+            head, head_losses = fit_coherence_head(
+                matrix[:, columns], np.asarray(labels), epochs=settings.epochs, lr=settings.lr,
+                seed=settings.seed + member, balance=balance, sample_weight=np.asarray(share),
+            )  # fmt: skip
+            weights |= {f"{name}/{member}/{key}": value for key, value in head.items()}
+            losses += head_losses
     result = JudgeTrainResult(
         "coh", len(inputs), len(losses), round(time.perf_counter() - began, 1),
-        settings.as_dict() | {"balance": balance}, sources,
+        settings.as_dict() | {"balance": balance, "labelled_weight": labelled_weight}, sources,
         {COH_NAMES[k]: v for k, v in sorted(Counter(labels).items())}, loss_curve(losses),
     )  # fmt: skip
     spec = {"task": "coh", "encoder": settings.base, "format": 2}
@@ -311,14 +324,18 @@ def _fit_coherence(
 
 
 COH_NAMES = ("incoherent", "coherent")
+# heads trained per HEADS entry from consecutive seeds and averaged: one head's agreement with
+# readers moved by up to 0.07 kappa with the seed alone (benchmarks/RESULTS.md)
+COH_SEEDS = 5
 
 
 def fit_coherence_head(
     matrix: Any, labels: Any, *, epochs: int, lr: float, seed: int, balance: bool,
-    hidden: int = 64, batch_size: int = 256,
+    sample_weight: Any = None, hidden: int = 64, batch_size: int = 256,
 ) -> tuple[dict[str, Any], list[float]]:  # fmt: skip
-    """Train the MLP head on standardised features with Adam and class-balanced BCE; its weights
-    as numpy arrays (what ``CoherenceHead`` reads) and the loss of every step."""
+    """Train the MLP head on standardised features with Adam and class-balanced BCE (times
+    ``sample_weight`` per row); its weights as numpy arrays (what ``CoherenceHead`` reads) and
+    the loss of every step."""
     import numpy as np
     import torch
 
@@ -326,8 +343,10 @@ def fit_coherence_head(
     mean, scale = matrix.mean(0), matrix.std(0) + 1e-6
     x = torch.tensor((matrix - mean) / scale, dtype=torch.float32)
     y = torch.tensor(labels, dtype=torch.float32)
-    positive = float(y.mean())
-    weight = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive)) if balance else None
+    rows = torch.ones_like(y) if sample_weight is None else torch.tensor(sample_weight).float()
+    positive = float((rows * y).sum() / rows.sum())  # the weighted share of coherent rows
+    balanced = torch.where(y > 0.5, 0.5 / positive, 0.5 / (1 - positive)) if balance else 1.0
+    weight = None if sample_weight is None and not balance else rows * balanced
     torch.manual_seed(seed)
     net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], hidden), torch.nn.ReLU(),
                               torch.nn.Dropout(0.1), torch.nn.Linear(hidden, 1))  # fmt: skip

@@ -36,7 +36,7 @@ RUNS = {  # name: (pairs file, weighting)
     "dpo-unweighted": ("pairs-quantile.jsonl", "one"),
     "dpo-format": ("pairs-format.jsonl", "one"),
 }
-COLUMNS = [FAILURE, "c", "ue", "p", "lfc", "coh-smollm2", "total"]
+COLUMNS = [FAILURE, *DEFAULT_WEIGHTS, "total"]  # the metrics of the total, as the pool used
 
 
 def subset(source: Path, target: Path, count: int, seed: int) -> int:

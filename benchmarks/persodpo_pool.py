@@ -7,7 +7,11 @@ Prints the pair count next to the paper's ~9,000 and writes the scored pool and 
 (outside the repository) for `benchmarks/persodpo_outcome.py`. Scores go through the shared
 score cache, so an interrupted run resumes.
 
-    .venv/bin/python benchmarks/persodpo_pool.py [--out DIR] [--limit N]
+``--earlier-judges N`` also scores the first N dialogues with the judges the defaults replaced
+(C and UE's gate from `embedded-nli` in PersoBench's mode, coherence from `coh-smollm2`) and
+prints how the quantile pairs of those dialogues change: what the new judges do to the pairs.
+
+    .venv/bin/python benchmarks/persodpo_pool.py [--out DIR] [--limit N] [--earlier-judges N]
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from scipy.stats import spearmanr
 
 from persona_align.data import read_dialogues
 from persona_align.data.responses import import_responses
@@ -34,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=cache_dir() / "persodpo-pool")
     parser.add_argument("--limit", type=int, default=None, help="first N dialogues only")
+    parser.add_argument("--earlier-judges", type=int, default=0, metavar="N")
     args = parser.parse_args()
     if not POOL.exists():
         sys.exit(f"{POOL} is absent")
@@ -79,6 +86,56 @@ def main() -> None:
     print(f"| format (valid vs invalid) | {len(formats)} | "
           f"{len({p.dialogue_id for p in formats})} | - | - |")  # fmt: skip
     print(f"written to {args.out}")
+    if args.earlier_judges:
+        compare_earlier(dialogues, args.earlier_judges, candidates, scored)
+
+
+EARLIER = {"coh": ("coh-smollm2", {}), "c": ("c", {"model": "embedded-nli", "mode": "persobench"}),
+           "ue": ("ue", {"persona_model": "embedded-nli"})}  # fmt: skip
+
+
+def quantile_pairs(by_id: dict, scored: list, weights: dict[str, float]) -> list[PreferencePair]:
+    """Pairs of these dialogues alone, totals min-max scaled on them."""
+    ranges = fit_minmax(scored, weights)
+    scored = [c.model_copy(update={"total": total_score(c.scores, weights, ranges)})
+              for c in scored]  # fmt: skip
+    return build_pairs(by_id, scored, PairingConfig(rule="quantile", upper=0.6, lower=0.4))
+
+
+def compare_earlier(dialogues: list, count: int, candidates: list, scored: list) -> None:
+    """The quantile pairs of the first ``count`` dialogues under the earlier judges and under
+    today's (metrics prepared on all dialogues, as the pool's were: LFC's target length)."""
+    by_id = {d.id: d for d in dialogues[:count]}
+    weights = {EARLIER.get(name, (name, {}))[0]: w for name, w in DEFAULT_WEIGHTS.items()}
+    metrics = [make_metric(EARLIER[n][0], **EARLIER[n][1]) if n in EARLIER else make_metric(n)
+               for n in DEFAULT_WEIGHTS]  # fmt: skip
+    statuses = prepare_metrics(metrics, dialogues)
+    began = time.perf_counter()
+    cache = ScoreCache(cache_dir() / "scores.sqlite")
+    earlier = list(score_stream(by_id, iter([c for c in candidates if c.dialogue_id in by_id]),
+                                metrics, statuses, cache))  # fmt: skip
+    cache.close()
+    seconds = time.perf_counter() - began
+    today = [c for c in scored if c.dialogue_id in by_id]
+    sets = {"earlier": quantile_pairs(by_id, earlier, weights),
+            "today": quantile_pairs(by_id, today, DEFAULT_WEIGHTS)}  # fmt: skip
+    keys = {name: {(p.dialogue_id, p.chosen[-1].content, p.rejected[-1].content) for p in pairs}
+            for name, pairs in sets.items()}  # fmt: skip
+    same = keys["earlier"] & keys["today"]
+    reversed_ = {(d, r, c) for d, c, r in keys["earlier"]} & keys["today"]
+    print(f"\nfirst {len(by_id)} dialogues, {len(today)} replies; earlier judges scored in "
+          f"{seconds:.0f} s")  # fmt: skip
+    print("| judges | pairs | in both | reversed (chosen and rejected swapped) |")
+    print("|---|---:|---:|---:|")
+    for name in sets:
+        print(f"| {name} | {len(keys[name])} | {len(same)} | {len(reversed_)} |")
+    valid = [(a, b) for a, b in zip(earlier, today, strict=True) if b.valid]
+    for name in DEFAULT_WEIGHTS:
+        old = EARLIER.get(name, (name, {}))[0]
+        pairs = [(a.scores.get(old), b.scores.get(name)) for a, b in valid]
+        pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
+        rho = spearmanr(*zip(*pairs, strict=True)).statistic if len(pairs) > 2 else float("nan")
+        print(f"{name}: Spearman rho earlier vs today on {len(pairs)} valid replies = {rho:.3f}")
 
 
 if __name__ == "__main__":

@@ -262,6 +262,29 @@ def test_p_static_is_the_cosine_of_mean_piece_vectors(static_vectors_dir: Path) 
     assert metric.settings()["backend"] == "static"
 
 
+def test_p_static_reads_vectors_of_an_encoder_on_a_gpu(static_vectors_dir: Path, monkeypatch):
+    """Regression: the piece vectors came back with ``.numpy()`` on the encoder's device, which
+    crashed wherever sentence-transformers had put the encoder on cuda/mps."""
+    import types
+
+    import torch
+
+    class OnDevice(torch.Tensor):  # a tensor that, like a cuda one, refuses numpy() until .cpu()
+        def numpy(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def cpu(self, *args, **kwargs):
+            return self.as_subclass(torch.Tensor)
+
+    metric = PersonaDistance(backend="static", model=str(static_vectors_dir))
+    metric.load()
+    model = metric._encoder[0].auto_model
+    table = model.get_input_embeddings().weight.detach().as_subclass(OnDevice)
+    monkeypatch.setattr(model, "get_input_embeddings", lambda: types.SimpleNamespace(weight=table))
+    values = metric.score([make_item(["I love my dog."], ["Hi!"], "Dogs!")])
+    assert values[0] == pytest.approx(0.25 / math.sqrt(0.5 * 1.25))
+
+
 def test_p_word2vec_without_vectors_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(Unavailable, match="needs the option vectors"):
         PersonaDistance(backend="word2vec").load()

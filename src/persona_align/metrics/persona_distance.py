@@ -176,7 +176,8 @@ class PersonaDistance(Metric):
             ids = tokenizer(word, add_special_tokens=False)["input_ids"]
             ids = [i for i in ids if i != tokenizer.unk_token_id]  # no vector, as OOV in word2vec
             table = self._encoder[0].auto_model.get_input_embeddings().weight
-            self._pieces[word] = table[ids].detach().float().mean(0).numpy() if ids else None
+            found = table[ids].detach().float().mean(0).cpu().numpy() if ids else None
+            self._pieces[word] = found  # .cpu(): the encoder sits on a GPU when there is one
         return self._pieces[word]
 
     def _sentence(self, pairs: list[tuple[list[str], list[str]]]) -> list[float | None]:

@@ -323,3 +323,38 @@ def test_credentials_in_a_url_are_never_printed(cli, tmp_path: Path) -> None:
         assert result.code == 2 and len(result.err.splitlines()) == 1
         assert "SECRET" not in result.err and "***@127.0.0.1" in result.err
         assert "SECRET" not in repr(OpenAIResponder(model="m", base_url=url))
+
+
+def test_replicas_share_the_requests_and_cover_for_a_failing_one() -> None:
+    requests = make_requests(200)
+    with (
+        FakeOpenAIServer(latency_s=0.01) as first,
+        FakeOpenAIServer(latency_s=0.01) as second,
+        FakeOpenAIServer(faults={"500": 1.0}) as broken,
+    ):
+        responder = responder_for(first, base_url=[first.base_url, second.base_url],
+                                  concurrency=4)  # fmt: skip
+        responder.prepare()
+        results = generate(responder, requests)
+        assert all(r.error is None and r.raw == expected_content(last_user(q)) for q, r in results)
+        assert len(results) == 200 and first.calls > 40 and second.calls > 40
+        # every attempt the broken replica fails is retried, and a retry may go elsewhere
+        mixed = responder_for(first, base_url=[broken.base_url, second.base_url], max_retries=10)
+        results = generate(mixed, make_requests(50))
+        assert all(r.error is None for _, r in results) and broken.calls > 0
+    settings = responder.settings()["base_url"]
+    assert settings == sorted([first.base_url, second.base_url])  # replicas, in any order
+    with pytest.raises(InputError, match="distinct servers"):
+        responder_for(first, base_url=[first.base_url, first.base_url + "/"])
+
+
+def test_cli_spec_lists_replicas() -> None:
+    from persona_align.cli import parse_responder_spec
+
+    defaults = {"api_key_env": "K", "concurrency": 2, "timeout": 5.0}
+    _, options = parse_responder_spec("openai:m@http://a:1/v1,http://b:2/v1", **defaults)
+    assert options["base_url"] == ["http://a:1/v1", "http://b:2/v1"]
+    _, options = parse_responder_spec("openai:m@http://a:1/v1", **defaults)
+    assert options["base_url"] == "http://a:1/v1"
+    _, options = parse_responder_spec("openai:m", **defaults)
+    assert options["base_url"] is None

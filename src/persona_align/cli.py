@@ -229,7 +229,8 @@ def data_formats(as_json: JsonFlag = False) -> None:
 
 
 def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any]]:
-    """``hf:MODEL``, ``openai:MODEL@BASE_URL`` or ``import:FILE`` into (kind, options)."""
+    """``hf:MODEL``, ``openai:MODEL@BASE_URL[,BASE_URL...]`` (replicas of one model) or
+    ``import:FILE`` into (kind, options)."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise InputError(
@@ -242,9 +243,11 @@ def parse_responder_spec(spec: str, **defaults: Any) -> tuple[str, dict[str, Any
             "batch_size": defaults["batch_size"],
         }
     if kind == "openai":
+        from persona_align.generation.openai_responder import spec_base_url
+
         model, _, base_url = rest.partition("@")
         options = {k: defaults[k] for k in ("api_key_env", "concurrency", "timeout")}
-        return kind, {"model": model, "base_url": base_url or None, **options}
+        return kind, {"model": model, "base_url": spec_base_url(base_url), **options}
     if kind == "import":
         return kind, {"path": rest, "extraction": defaults.get("import_extraction")}
     # not the whole spec: what follows the kind may be a URL with a key in it
@@ -259,7 +262,9 @@ def generate(
     responder: Annotated[
         list[str],
         typer.Option(
-            "--responder", "-r", help="hf:MODEL | openai:MODEL@URL | import:FILE (repeatable)."
+            "--responder",
+            "-r",
+            help="hf:MODEL | openai:MODEL@URL[,URL...] | import:FILE (repeatable).",
         ),
     ] = [],  # noqa: B006
     dialogues: Annotated[

@@ -11,6 +11,7 @@ costs nothing to users of local models.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -71,6 +72,12 @@ def _openai() -> Any:
     return openai
 
 
+def spec_base_url(text: str) -> str | list[str] | None:
+    """The URL part of ``openai:MODEL@URL[,URL...]``: one server, several replicas, or none."""
+    urls = [url.strip() for url in text.split(",") if url.strip()]
+    return None if not urls else urls[0] if len(urls) == 1 else urls
+
+
 def _check_url(url: str, shown: str) -> None:
     """Refuse a base URL the HTTP client would choke on (no host, a port that is no number)."""
     try:
@@ -115,8 +122,10 @@ def _reply_of(completion: object) -> tuple[str, dict[str, int]]:
 class OpenAIResponder(Responder):
     """Chat completions from an OpenAI-compatible server, ``concurrency`` requests at a time.
 
-    The key is read from the environment variable ``api_key_env``, never from the config, so
-    that configs and run manifests can be shared.
+    ``base_url`` may list several servers of the same model (e.g. vLLM replicas): each gets
+    ``concurrency`` requests in flight, a request goes to whichever server has a free slot, and
+    a retry may land on another server. The key is read from the environment variable
+    ``api_key_env``, never from the config, so that configs and run manifests can be shared.
     """
 
     kind = "openai"
@@ -124,7 +133,7 @@ class OpenAIResponder(Responder):
     def __init__(
         self,
         model: str,
-        base_url: str | None = None,
+        base_url: str | list[str] | None = None,
         api_key_env: str = "OPENAI_API_KEY",
         concurrency: int = 8,
         timeout: float = 60.0,
@@ -149,9 +158,15 @@ class OpenAIResponder(Responder):
         self.model = model
         # Explicit, not OPENAI_BASE_URL: the server is part of the cache key, so the config
         # must name it.
-        self.base_url = (base_url or OPENAI_API_URL).rstrip("/")
-        self.shown_url = redact_url(self.base_url)  # what messages and logs show
-        _check_url(self.base_url, self.shown_url)
+        urls = [base_url] if isinstance(base_url, str) else list(base_url or [OPENAI_API_URL])
+        self.base_urls = [url.rstrip("/") for url in urls]
+        self.shown_urls = [redact_url(url) for url in self.base_urls]  # for messages and logs
+        if not self.base_urls or len(set(self.base_urls)) < len(self.base_urls):
+            raise InputError(None, f"responder 'openai': base_url must list distinct servers, "
+                             f"got {self.shown_urls}", field="base_url")  # fmt: skip
+        for url, shown in zip(self.base_urls, self.shown_urls, strict=True):
+            _check_url(url, shown)
+        self.shown_url = ", ".join(self.shown_urls)
         self.api_key_env = api_key_env
         self.concurrency = concurrency
         self.timeout = timeout
@@ -165,7 +180,9 @@ class OpenAIResponder(Responder):
         return f"OpenAIResponder({shown})"
 
     def settings(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.model, "base_url": self.base_url}
+        # replicas of one model answer alike: which ones, not their order, names the outputs
+        urls = self.base_urls[0] if len(self.base_urls) == 1 else sorted(self.base_urls)
+        return {"kind": self.kind, "model": self.model, "base_url": urls}
 
     def prepare(self) -> None:
         """Check the key and that the server answers, so that a bad config fails before any work."""
@@ -186,7 +203,7 @@ class OpenAIResponder(Responder):
         value = os.environ.get(self.api_key_env)
         if value:
             return _Secret(value)
-        if urlsplit(self.base_url).hostname in LOCAL_HOSTS:
+        if all(urlsplit(url).hostname in LOCAL_HOSTS for url in self.base_urls):
             return _Secret(LOCAL_PLACEHOLDER_KEY)
         raise InputError(
             None,
@@ -194,15 +211,19 @@ class OpenAIResponder(Responder):
             f"it must hold the API key for {self.shown_url}",
         )
 
-    def _client(self, timeout: float) -> openai.AsyncOpenAI:
+    def _client(self, url: str, timeout: float) -> openai.AsyncOpenAI:
         assert self._api_key is not None
         return _openai().AsyncOpenAI(
-            api_key=self._api_key.value, base_url=self.base_url, max_retries=0, timeout=timeout
+            api_key=self._api_key.value, base_url=url, max_retries=0, timeout=timeout
         )
 
     async def _check_server(self) -> None:
+        for url, shown in zip(self.base_urls, self.shown_urls, strict=True):
+            await self._check_one(url, shown)
+
+    async def _check_one(self, url: str, shown: str) -> None:
         openai = _openai()
-        async with self._client(min(self.timeout, PREPARE_TIMEOUT_S)) as client:
+        async with self._client(url, min(self.timeout, PREPARE_TIMEOUT_S)) as client:
             try:
                 await client.models.list()
             except (openai.AuthenticationError, openai.PermissionDeniedError) as err:
@@ -229,12 +250,17 @@ class OpenAIResponder(Responder):
     async def _generate_all(
         self, requests: list[Request], params: GenerationParams, on_result: OnResult
     ) -> None:
-        slots = asyncio.Semaphore(self.concurrency)
         failures: Counter[str] = Counter()
-        async with self._client(self.timeout) as client:
+        async with contextlib.AsyncExitStack() as stack:
+            clients = [await stack.enter_async_context(self._client(url, self.timeout))
+                       for url in self.base_urls]  # fmt: skip
+            slots: asyncio.Queue[openai.AsyncOpenAI] = asyncio.Queue()
+            for _ in range(self.concurrency):  # a free slot is a client, taken and given back
+                for client in clients:
+                    slots.put_nowait(client)
 
             async def answer(request: Request) -> None:
-                result = await self._answer(client, slots, request, params)
+                result = await self._answer(slots, request, params)
                 if result.error is not None:
                     failures[result.error] += 1
                 on_result(request, result)
@@ -258,8 +284,7 @@ class OpenAIResponder(Responder):
 
     async def _answer(
         self,
-        client: openai.AsyncOpenAI,
-        slots: asyncio.Semaphore,
+        slots: asyncio.Queue[openai.AsyncOpenAI],
         request: Request,
         params: GenerationParams,
     ) -> Result:
@@ -268,7 +293,8 @@ class OpenAIResponder(Responder):
         messages = [m.model_dump() for m in request.messages]
         attempt = 0
         while True:
-            async with slots:
+            client = await slots.get()
+            try:
                 start = time.perf_counter()
                 try:
                     async with asyncio.timeout(self.timeout):
@@ -291,6 +317,8 @@ class OpenAIResponder(Responder):
                     error = err
                 else:
                     return Result(raw=raw, latency_s=time.perf_counter() - start, usage=usage)
+            finally:
+                slots.put_nowait(client)
             delay = self._retry_delay(error, attempt)
             if delay is None or attempt == self.max_retries:
                 log.debug("%s: %s failed: %s", self.name, request.dialogue.id, _error_name(error))

@@ -89,7 +89,7 @@ class LLMJudge:
             raise InputError(None, f"an LLM judge is available for c, not for {task!r}")
         if not isinstance(spec, str) or not spec.startswith("openai:") or spec == "openai:":
             raise InputError(None, f"metric 'c': judge must be openai:MODEL@BASE_URL, got {spec!r}")
-        from persona_align.generation.openai_responder import OpenAIResponder
+        from persona_align.generation.openai_responder import OpenAIResponder, spec_base_url
 
         model, _, base_url = spec.removeprefix("openai:").partition("@")
         allowed = {"api_key_env", "concurrency", "timeout", "max_retries"}
@@ -97,7 +97,7 @@ class LLMJudge:
         if unknown:
             raise InputError(None, f"metric 'c' has no option {unknown[0]!r}")
         try:
-            return cls(OpenAIResponder(model, base_url=base_url or None, **options))
+            return cls(OpenAIResponder(model, base_url=spec_base_url(base_url), **options))
         except TypeError as err:
             raise InputError(None, f"metric 'c': {err}") from None
 

@@ -17,6 +17,7 @@ prints how the quantile pairs of those dialogues change: what the new judges do 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -121,18 +122,26 @@ def compare_earlier(dialogues: list, count: int, candidates: list, scored: list)
             "today": quantile_pairs(by_id, today, DEFAULT_WEIGHTS)}  # fmt: skip
     keys = {name: {(p.dialogue_id, p.chosen[-1].content, p.rejected[-1].content) for p in pairs}
             for name, pairs in sets.items()}  # fmt: skip
+    # a valid reply enters a score-rule pair as {"response": ...}, an invalid one as written
+    valid = {(c.dialogue_id, json.dumps({"response": c.response}, ensure_ascii=False))
+             for c in today if c.valid}  # fmt: skip
+    both_valid = {name: {k for k in found if (k[0], k[1]) in valid and (k[0], k[2]) in valid}
+                  for name, found in keys.items()}  # fmt: skip
     same = keys["earlier"] & keys["today"]
     reversed_ = {(d, r, c) for d, c, r in keys["earlier"]} & keys["today"]
     print(f"\nfirst {len(by_id)} dialogues, {len(today)} replies; earlier judges scored in "
           f"{seconds:.0f} s")  # fmt: skip
-    print("| judges | pairs | in both | reversed (chosen and rejected swapped) |")
-    print("|---|---:|---:|---:|")
-    for name in sets:
-        print(f"| {name} | {len(keys[name])} | {len(same)} | {len(reversed_)} |")
-    valid = [(a, b) for a, b in zip(earlier, today, strict=True) if b.valid]
+    print("| pairs | earlier judges | today's | in both | reversed (chosen and rejected swapped) |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| all | {len(keys['earlier'])} | {len(keys['today'])} | {len(same)} | "
+          f"{len(reversed_)} |")  # fmt: skip
+    old, new = both_valid["earlier"], both_valid["today"]
+    flipped = {(d, r, c) for d, c, r in old} & new
+    print(f"| both replies valid | {len(old)} | {len(new)} | {len(old & new)} | {len(flipped)} |")
+    scored_valid = [(a, b) for a, b in zip(earlier, today, strict=True) if b.valid]
     for name in DEFAULT_WEIGHTS:
-        old = EARLIER.get(name, (name, {}))[0]
-        pairs = [(a.scores.get(old), b.scores.get(name)) for a, b in valid]
+        metric = EARLIER.get(name, (name, {}))[0]
+        pairs = [(a.scores.get(metric), b.scores.get(name)) for a, b in scored_valid]
         pairs = [(x, y) for x, y in pairs if x is not None and y is not None]
         rho = spearmanr(*zip(*pairs, strict=True)).statistic if len(pairs) > 2 else float("nan")
         print(f"{name}: Spearman rho earlier vs today on {len(pairs)} valid replies = {rho:.3f}")

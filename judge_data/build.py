@@ -180,6 +180,23 @@ def edited(reply: str, edit: dict) -> str | None:
     return reply.replace(edit["old"], edit["new"])
 
 
+def written_records(item: dict, written: dict) -> list[dict]:
+    """A written item's replies: the edit (-1), the support (1; rounds 2-3), the control (its
+    label) and the natural contradiction (-1), each when present and its edit fits."""
+    records = []
+    for kind, change, label in (
+        ("edit", written.get("edit"), -1),
+        ("support", written.get("support"), 1),
+        ("control", written.get("control"), (written.get("control") or {}).get("label")),
+    ):
+        reply = edited(item["reply"], change) if change else None
+        if reply is not None and label in (-1, 0, 1):
+            records.append(judge_record(item, reply, label, kind))
+    if written.get("natural"):
+        records.append(judge_record(item, written["natural"], -1, "natural"))
+    return records
+
+
 def assemble(out: Path) -> None:
     """Join items and labels into the C judge's files:
 
@@ -200,29 +217,10 @@ def assemble(out: Path) -> None:
         record = judge_record(item, item["reply"], label["label"], "read")
         (dev_self if item.get("split") == "dev" else train).append(record)
     for position, written in enumerate(read_labels("x-*.jsonl")):
-        item = items[written["item"]]
         target = edits_eval if position % 5 == 0 else train
-        for kind, change, label in (
-            ("edit", written.get("edit"), -1),
-            ("control", written.get("control"), (written.get("control") or {}).get("label")),
-        ):
-            reply = edited(item["reply"], change) if change else None
-            if reply is not None and label in (-1, 0, 1):
-                target.append(judge_record(item, reply, label, kind))
-        if written.get("natural"):
-            target.append(judge_record(item, written["natural"], -1, "natural"))
+        target += written_records(items[written["item"]], written)
     for written in read_labels("x[23]-*.jsonl"):  # the second and third rounds: training only
-        item = items[written["item"]]
-        for kind, change, label in (
-            ("edit", written.get("edit"), -1),
-            ("support", written.get("support"), 1),
-            ("control", written.get("control"), (written.get("control") or {}).get("label")),
-        ):
-            reply = edited(item["reply"], change) if change else None
-            if reply is not None and label in (-1, 0, 1):
-                train.append(judge_record(item, reply, label, kind))
-        if written.get("natural"):
-            train.append(judge_record(item, written["natural"], -1, "natural"))
+        train += written_records(items[written["item"]], written)
     coherence, coherence_train = [], []
     for label in read_labels("coh-00.a.jsonl"):
         item = items[label["item"].removeprefix("coh-")]

@@ -188,10 +188,16 @@ def test_contradicting_pair_weights_are_refused(
     config = tiny_config(tiny_llama_dir)
     config["pairs"] |= pairs
     config["train"]["weighting"] = weighting
-    result = cli("run", str(write(isolated, config)))
+    contradicting = write(isolated, config)
+    result = cli("run", str(contradicting))
     assert result.code == 2, result.err
     assert "field 'train.weighting'" in result.err and named in result.err
     assert not (isolated / "run" / "generate").exists()
+    # `train dpo --config` on the same file refuses it too (it used to train with it)
+    where = ["--data", isolated / "pairs.jsonl", "--output-dir", isolated / "out"]
+    result = cli("train", "dpo", "--config", contradicting, *where)
+    assert result.code == 2 and "field 'train.weighting'" in result.err and named in result.err
+    assert not (isolated / "out").exists()
     config["train"]["weighting"] = "one" if pairs.get("rule") == "format" else pairs["weight"]
     from persona_align.config import load_config
     from persona_align.pipeline import check_config

@@ -42,8 +42,10 @@ def train_config(
 ) -> TrainConfig:
     """The config file's ``train`` section (or none) with command-line overrides applied."""
     given = {k: v for k, v in overrides.items() if v is not None}
+    pairs = None
     if config is not None:
-        section = load_config(config).train
+        loaded = load_config(config)
+        section, pairs = loaded.train, loaded.pairs
         if section is None:
             raise InputError(config, "has no `train:` section", field="train")
         if section.method != method:
@@ -65,6 +67,10 @@ def train_config(
         if getattr(result, key) is None:
             hint = "" if where else " (pass --config, or --data and --output-dir)"
             raise InputError(where, f"missing{hint}", field=f"train.{key}")
+    if pairs is not None and config is not None and method == "dpo":
+        from persona_align.pipeline import check_pair_weights
+
+        check_pair_weights(pairs, result, config)  # as `run` does, overrides included
     return result
 
 

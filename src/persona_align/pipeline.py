@@ -79,7 +79,7 @@ def check_config(config: PipelineConfig, where: Path) -> None:
         if config.pairs is None and config.train.data is None:
             need("train", "pairs", "a DPO stage needs preference pairs (or train.data)")
         if config.pairs is not None:
-            _check_pair_weights(config.pairs, config.train, where)
+            check_pair_weights(config.pairs, config.train, where)
     if config.evaluate is not None:
         if config.data is None or config.data.eval is None:
             raise InputError(where, "evaluate needs held-out dialogues", field="data.eval")
@@ -97,7 +97,7 @@ def check_config(config: PipelineConfig, where: Path) -> None:
         need("report", "evaluate", "a report needs scored systems")
 
 
-def _check_pair_weights(pairs: PairsSection, train: TrainConfig, where: Path) -> None:
+def check_pair_weights(pairs: PairsSection, train: TrainConfig, where: Path) -> None:
     """One source of pair weights: the pairs file's weight column. Refuse a train.weighting that
     recomputes weights other than those the pairs stage writes, and a pairs.weight the rule
     ignores (``format`` pairs are vanilla DPO: weight 1)."""

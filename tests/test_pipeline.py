@@ -230,3 +230,20 @@ def test_a_bad_row_leaves_no_stage_folder(cli, isolated: Path, tiny_llama_dir: P
     result = cli("run", str(write(isolated, config)))
     assert result.code == 2 and "bad.jsonl:line 1: field 'context'" in result.err
     assert not (isolated / "run").exists()  # the data stage's folder and .attempt are gone
+
+
+def test_manifests_keep_no_credentials(cli, isolated: Path, tiny_llama_dir: Path) -> None:
+    """A base URL with a key in it drives the run, but the manifest written to disk shows it
+    redacted (configs are meant to be shared; manifests sit beside the outputs)."""
+    from persona_align.generation.fake_server import FakeOpenAIServer
+
+    with FakeOpenAIServer() as server:
+        url = server.base_url.replace("http://", "http://sk-user-SECRET:pw-SECRET@")
+        responders = [{"kind": "openai", "model": "m", "base_url": url, "name": "api"}]
+        config = tiny_config(tiny_llama_dir, score=None, pairs=None, train=None, evaluate=None,
+                             report=None, **{"generate.responders": responders})  # fmt: skip
+        result = cli("run", str(write(isolated, config)), "--json")
+    assert result.code == 0, result.err
+    written = (isolated / "run" / "generate" / "manifest.json").read_text()
+    assert "SECRET" not in written and "***@127.0.0.1" in written
+    assert "SECRET" not in result.out + result.err

@@ -3,7 +3,9 @@ is wrong) and calls that kept failing."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -35,6 +37,21 @@ class CallsFailed(Exception):
     """Model calls still failing after their retries (a server down): neither bad input nor the
     model's failure. The CLI prints ``str(err)`` in one line and exits with code 3; the answers
     that did come back are cached, so a rerun makes only the failed calls again."""
+
+
+URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s\"',]+", re.IGNORECASE)
+
+
+def redact_urls(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings) with every URL in it passed through
+    ``redact_url``: configs written to disk (run manifests) keep no credentials."""
+    if isinstance(value, str):
+        return URL.sub(lambda match: redact_url(match.group(0)), value)
+    if isinstance(value, dict):
+        return {key: redact_urls(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact_urls(item) for item in value]
+    return value
 
 
 def redact_url(url: str) -> str:

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from persona_align.config import STAGES, PairsSection, PipelineConfig, TrainConfig
 from persona_align.data import read_dialogues
-from persona_align.errors import CallsFailed, InputError
+from persona_align.errors import CallsFailed, InputError, redact_urls
 from persona_align.files import check_output_folder, require_file
 from persona_align.preference.pairs import PairWeight
 from persona_align.records import (
@@ -322,7 +322,7 @@ class Pipeline:
         manifest = {
             "stage": stage.name,
             "key": stage.key,
-            "config": _jsonable(section.model_dump(mode="json")),
+            "config": redact_urls(_jsonable(section.model_dump(mode="json"))),  # no credentials
             "config_file": str(self.config_path),
             "inputs": self._inputs(stage.name),
             "upstream": {n: s.key for n, s in self.done.items()},

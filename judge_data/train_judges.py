@@ -51,7 +51,7 @@ def main() -> None:
             "c", out, train=[assembled / "c-train.jsonl"], dnli=dnli,
             dev=[build.DATA / "persona-consistency/focus-dev.jsonl",
                  assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
-            settings=FitSettings(epochs=3, lr=5e-4, batch_size=32, max_length=256, bf16=True,
+            settings=FitSettings(epochs=4, lr=5e-4, batch_size=32, max_length=256, bf16=True,
                                  init="embedded-nli"),
             progress=console,
         )  # fmt: skip

@@ -8,8 +8,10 @@ for root, read-only mounts or immutable folders.
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from persona_align.errors import InputError
@@ -70,3 +72,19 @@ def open_sqlite(path: str | Path) -> sqlite3.Connection:
         db.close()
         raise InputError(path, f"not a usable SQLite cache ({err})") from None
     return db
+
+
+def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
+    """Make ``out`` atomically: ``fill(tmp)`` writes everything into a temporary folder beside
+    it, which then replaces ``out``; a crash leaves no half folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped or shared folder unreadable
+    try:
+        fill(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

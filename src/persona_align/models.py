@@ -13,13 +13,12 @@ import importlib.util
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from persona_align.errors import InputError
+from persona_align.files import write_folder
 
 
 @dataclass(frozen=True)
@@ -170,20 +169,16 @@ def model_version(name: str) -> str:
 
 
 def _build_once(target: Path, build: Any) -> Path:
-    """Run ``build(tmp_dir)``, then move the result to ``target``: a crash leaves no half folder."""
+    """Run ``build(tmp_dir)`` once, then move the result to ``target``: a crash leaves no half
+    folder, and ``.complete`` marks a finished build."""
     if (target / ".complete").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         build(tmp)
         (tmp / ".complete").touch()
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(target, fill)
     return target
 
 

@@ -8,10 +8,7 @@ LayerNorms and biases are trained and saved: a few MB that load over the base we
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from persona_align.errors import InputError
-from persona_align.files import check_output_folder
+from persona_align.files import check_output_folder, write_folder
 from persona_align.metrics.nli import quiet_transformers
 from persona_align.models import resolve
 
@@ -243,22 +240,6 @@ def save_adapter_files(folder: Path, model: Any, config: Any) -> None:
         model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
     config.save_pretrained(folder)
-
-
-def write_folder(out: Path, fill: Callable[[Path], None]) -> None:
-    """Make ``out`` atomically: ``fill(tmp)`` writes everything into a temporary folder beside
-    it, which then replaces ``out``; a crash leaves no half folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make a shipped or shared folder unreadable
-    try:
-        fill(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_adapter(

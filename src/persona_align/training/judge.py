@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from persona_align.data.nli import NLIPair
 from persona_align.errors import InputError
+from persona_align.files import write_folder
 from persona_align.metrics.coherence_judge import (
     HEADS,
     CoherenceInput,
@@ -45,7 +46,6 @@ from persona_align.training.cross_encoder import (
     fit_pair_classifier,
     loss_curve,
     save_adapter_files,
-    write_folder,
 )
 
 Task = Literal["c", "coh"]

@@ -31,7 +31,7 @@ tests_s=$(( $(date +%s) - started ))
 tests_line=$(tail -n 1 gpu-tests.log)
 
 started=$(date +%s)
-HF_HUB_OFFLINE=1 $VENV/bin/persona-align run configs/quickstart.yaml > gpu-quickstart.log 2>&1
+HF_HUB_OFFLINE=1 $VENV/bin/persona-align --device cuda run configs/quickstart.yaml > gpu-quickstart.log 2>&1
 quick_rc=$?
 quick_s=$(( $(date +%s) - started ))
 

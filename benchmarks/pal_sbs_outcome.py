@@ -71,6 +71,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=1.0)
     parser.add_argument("--max-steps", type=int, default=-1, help="per trainer stage; -1 = epochs")
     parser.add_argument("--batch-size", type=int, default=2, help="training batch")
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
     parser.add_argument("--max-length", type=int, default=1536, help="FoCus prompts are long")
     parser.add_argument("--max-new-tokens", type=int, default=110, help="PersoBench: 110")
     parser.add_argument("--gen-batch-size", type=int, default=8)
@@ -100,6 +101,7 @@ def prepare_data(args: argparse.Namespace) -> tuple[Path, Path, list[Dialogue]]:
 def trainer(args: argparse.Namespace, **extra: Any) -> Any:
     return TrainerSettings(
         epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
         max_length=args.max_length, save_steps=100, **extra,
     )  # fmt: skip
 

@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=96, help="pairs per run (seeded subset)")
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimiser step")
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--eval", type=int, default=200, help="held-out valid dialogues")
     parser.add_argument("--seed", type=int, default=0)
@@ -75,8 +76,8 @@ def main() -> None:
         run = args.out / name
         config = TrainConfig(
             data=data, output_dir=run, weighting=weighting, max_steps=args.steps,
-            batch_size=args.batch, learning_rate=args.lr, max_length=1280, save_steps=16,
-            seed=args.seed,
+            batch_size=args.batch, grad_accum=args.grad_accum, learning_rate=args.lr,
+            max_length=1280, save_steps=16, seed=args.seed,
         )  # fmt: skip
         if not (run / "summary.json").exists():
             summary = train_dpo(config, resume=any(run.glob("checkpoint-*")))

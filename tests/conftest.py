@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _device_policy() -> Iterator[None]:
+    """Every test starts from the default policy (auto) and leaves none behind."""
+    from persona_align import devices
+
+    devices.reset()
+    yield
+    devices.reset()
 
 
 @pytest.fixture(scope="session")

@@ -25,7 +25,8 @@ REPLIES = [
 PERSONA = ["I love cats.", "I live in Paris."]
 
 
-def test_c_judge_on_cuda_matches_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_c_judge_on_cuda_matches_cpu() -> None:
+    from persona_align import devices
     from persona_align.metrics import nli
     from persona_align.metrics.judges import c_pair
 
@@ -35,7 +36,7 @@ def test_c_judge_on_cuda_matches_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert on_gpu.model.device.type == "cuda"
     found = on_gpu.probabilities(pairs)
     assert isinstance(found, np.ndarray)  # back on the CPU
-    monkeypatch.setattr(nli, "device", lambda: "cpu")
+    devices.configure("cpu")
     on_cpu = nli.PairClassifier("embedded-c-judge")
     on_cpu.load()
     np.testing.assert_allclose(found, on_cpu.probabilities(pairs), atol=1e-3)
@@ -96,3 +97,49 @@ def test_slot_decoding_on_cuda_equals_generate(lively_llama_dir: Path) -> None:
     got = {i: t for i, t, _ in slot_generate(model, prompts, max_new_tokens=8, eos_ids={-1},
                                              slots=3)}  # fmt: skip
     assert [got[i] for i in range(len(prompts))] == expected
+
+
+def test_every_kind_of_model_loads_on_cuda(tiny_llama_dir: Path) -> None:
+    """auto picks cuda, and the dtype default there is bf16 where the GPU has it."""
+    from persona_align import devices
+    from persona_align.metrics.coherence_judge import CoherenceJudge
+    from persona_align.metrics.nli import NLIModel, PairClassifier, embedded_dir
+    from persona_align.metrics.persona_distance import PersonaDistance
+    from persona_align.models import load_causal_lm
+
+    assert devices.current() == "cuda"
+    model, _ = load_causal_lm(str(tiny_llama_dir))
+    assert model.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    nli, judge = NLIModel("embedded-nli"), PairClassifier("embedded-c-judge")
+    nli.load()
+    judge.load()
+    coherence = CoherenceJudge(embedded_dir("embedded-coh-judge"))
+    coherence.load()
+    p_static = PersonaDistance(backend="static")
+    p_static.load()
+    for loaded in (model, nli.model, judge.model, coherence._encoder, p_static._encoder):
+        assert {p.device.type for p in loaded.parameters()} == {"cuda"}
+
+
+def test_a_weighted_dpo_step_on_cuda(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import json
+
+    from persona_align.config import TrainConfig
+    from persona_align.training.dpo import train_dpo
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {"dialogue_id": f"d{i}", "prompt": [{"role": "user", "content": f"Hi {i}"}],
+         "chosen": [{"role": "assistant", "content": "I love cats."}],
+         "rejected": [{"role": "assistant", "content": "No."}], "weight": 0.5 + i,
+         "score_chosen": 1.0, "score_rejected": 0.0, "rule": "test"}
+        for i in range(4)
+    ]  # fmt: skip
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = train_dpo(
+        TrainConfig(
+            model=str(tiny_llama_dir), data=pairs, output_dir=tmp_path / "run", max_steps=2,
+            batch_size=2, grad_accum=1, save_steps=5,
+        )
+    )  # fmt: skip
+    assert summary["device"] == "cuda" and summary["steps"] == 2

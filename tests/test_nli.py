@@ -267,7 +267,7 @@ def test_metric_options_are_checked() -> None:
     assert isinstance(make_metric("c", mode="max", model="x", dtype="bfloat16"), CScore)
     for options, message in [
         ({"mode": "median"}, "mode must be one of persobench, max, mean"),
-        ({"dtype": "int8"}, "dtype must be one of float32, bfloat16"),
+        ({"dtype": "int8"}, "dtype must be one of auto, float32, bfloat16"),
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"model": ""}, "model must be a name"),
         ({"temperature": 1}, "temperature"),

@@ -185,7 +185,7 @@ def test_cpu_defaults_are_fp32_without_checkpointing(tmp_path: Path) -> None:
     args = trainer_arguments(TrainConfig(data=tmp_path / "p", output_dir=tmp_path / "o"))
     assert device_defaults().precision == "fp32"
     assert args["bf16"] is False and args["use_cpu"] is True
-    assert args["gradient_checkpointing"] is False
+    assert args["activation_checkpointing"] is False
     assert args["learning_rate"] == 5e-5
 
 

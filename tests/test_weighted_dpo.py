@@ -69,7 +69,8 @@ def make(tiny_llama_dir: Path, tmp_path: Path, trained: dict):
         reference = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
         common = {"output_dir": str(tmp_path / ("stock" if stock else "weighted")), "report_to": [],
-                  "per_device_train_batch_size": 4, "beta": 0.1, "use_cpu": True}  # fmt: skip
+                  "per_device_train_batch_size": 4, "beta": 0.1, "use_cpu": True,
+                  "activation_checkpointing": False}  # fmt: skip
         if stock:
             trainer = DPOTrainer(
                 model=model,
@@ -148,8 +149,8 @@ def test_zero_weight_pair_contributes_no_gradient(make) -> None:
 def test_shared_prompt_gives_the_stock_loss_and_gradient_with_fewer_tokens(make) -> None:
     def run(share: bool, checkpointing: bool = False) -> tuple[float, torch.Tensor, int]:
         trainer, batch = make([1.0, 0.5, 2.0, 0.0], share_prompt=share)
-        if checkpointing:  # no key/value cache in checkpointed layers: the stock forward runs
-            trainer.model.gradient_checkpointing_enable({"use_reentrant": False})
+        if checkpointing:  # no key/value cache in checkpointed layers: refused, not ignored
+            trainer.model.activation_checkpointing_enable({"use_reentrant": False})
         seen = []
         hook = trainer.model.get_input_embeddings().register_forward_hook(
             lambda module, args, out: seen.append(args[0].numel())
@@ -167,9 +168,20 @@ def test_shared_prompt_gives_the_stock_loss_and_gradient_with_fewer_tokens(make)
     assert shared_loss == pytest.approx(plain_loss, abs=1e-6)
     assert torch.allclose(shared_grad, plain_grad, atol=1e-6)
     assert shared_tokens < 0.75 * plain_tokens  # each prompt ran once, padding trimmed
-    checkpointed_loss, _, checkpointed_tokens = run(True, checkpointing=True)
+    with pytest.raises(ValueError, match="share_prompt needs the key/value cache"):
+        run(True, checkpointing=True)
+    checkpointed_loss, _, _ = run(False, checkpointing=True)
     assert checkpointed_loss == pytest.approx(plain_loss, abs=1e-6)
-    assert checkpointed_tokens > shared_tokens
+
+
+def test_share_prompt_follows_checkpointing_unless_both_are_asked_for(tmp_path: Path) -> None:
+    def config(**options: bool) -> WeightedDPOConfig:
+        return WeightedDPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, **options)
+
+    assert config(activation_checkpointing=True).share_prompt is False
+    assert config(activation_checkpointing=False).share_prompt is True
+    with pytest.raises(ValueError, match="share_prompt needs the key/value cache"):
+        config(activation_checkpointing=True, share_prompt=True)
 
 
 def test_missing_weight_column_is_an_error(tiny_llama_dir: Path, tmp_path: Path) -> None:

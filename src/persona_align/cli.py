@@ -40,6 +40,30 @@ data_app = typer.Typer(
     help="Import, inspect and validate dialogue and record files.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+
+
+@app.callback()
+def _policy(
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Where every model loads: auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. "
+            "Overrides a config's device:.",
+            envvar="PERSONA_ALIGN_DEVICE",
+        ),
+    ] = None,
+    attn_implementation: Annotated[
+        str | None,
+        typer.Option(help="sdpa (default), eager or flash_attention_2 (needs flash-attn)."),
+    ] = None,
+) -> None:
+    """Make dialogue models stay in character: data, candidates, scores, pairs, training."""
+    from persona_align import devices
+
+    devices.reset()  # one policy per invocation (main() may run several in one process)
+    devices.configure(device, attn_implementation, explicit=device is not None)
+
+
 train_app = typer.Typer(
     help="Train models: score-weighted DPO, SFT, PAL, SBS, our judges and the NLI model.",
     no_args_is_help=True,
@@ -274,7 +298,9 @@ def generate(
         Path | None, typer.Option("-o", "--output", help="Candidate file to write.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="hf: prompts per batch.")] = 8,
-    dtype: Annotated[str, typer.Option(help="hf: float32 | bfloat16 | float16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="hf: auto (the device's default) | float32 | bfloat16 | float16.")
+    ] = "auto",
     api_key_env: Annotated[
         str, typer.Option(help="openai: variable that holds the API key.")
     ] = "OPENAI_API_KEY",

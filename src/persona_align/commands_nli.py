@@ -57,7 +57,9 @@ def nli_eval(
     model: Annotated[
         str, typer.Option(help="NLI model: embedded-nli, a local folder or a hub id.")
     ] = EMBEDDED_NLI,
-    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(NLI_DTYPES)}.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help=f"One of {', '.join(NLI_DTYPES)} (auto: the device's default).")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Pairs per forward pass.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N pairs.")] = None,
     as_json: JsonFlag = False,

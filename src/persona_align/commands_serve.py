@@ -44,7 +44,12 @@ PromptOpt = Annotated[
         "two passes (for models from `train pal`).",
     ),
 ]
-DtypeOpt = Annotated[str, typer.Option(help="float32 | bfloat16 | float16 (CPU: float32).")]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        help="auto (bf16 on GPUs that have it, else float32) | float32 | bfloat16 | float16."
+    ),
+]
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -75,7 +80,7 @@ def serve_command(
     model_name: Annotated[
         str | None, typer.Option(help="Model id clients ask for (default: the folder's name).")
     ] = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_tokens: Annotated[
         int, typer.Option(help="Tokens generated when a request does not say (PersoBench: 110).")
     ] = 110,
@@ -187,7 +192,7 @@ def chat_command(
         typer.Option("--dialogue", help="Which dialogue's persona (default: the first)."),
     ] = None,
     prompt: PromptOpt = "persobench",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = "auto",
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply (PersoBench: 110).")] = 110,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling mass (temperature > 0).")] = 1.0,

@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
 )
 
+from persona_align import devices
 from persona_align.data import reader_for
 from persona_align.errors import InputError
 from persona_align.files import require_file
@@ -85,7 +86,8 @@ class LoraConfigSection(_Section):
 
 
 class TrainConfig(_Section):
-    """One training run. ``None`` means "the default for this device" (see training.common)."""
+    """One training run. ``None`` means "the default for this device" (see training.common);
+    the effective batch (``batch_size`` x ``grad_accum``) is the same on every device."""
 
     method: Literal["dpo", "sft"] = "dpo"
     model: str = "embedded"
@@ -108,13 +110,15 @@ class TrainConfig(_Section):
     learning_rate: float | None = Field(None, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = Field(-1, ge=-1)
-    batch_size: int | None = Field(None, ge=1)
-    grad_accum: int | None = Field(None, ge=1)
+    batch_size: int = Field(2, ge=1)  # per device; raise it and lower grad_accum on a GPU
+    grad_accum: int = Field(8, ge=1)  # 2 x 8: an effective batch of 16 pairs
     warmup_steps: int = Field(0, ge=0)
     max_length: int = Field(1024, ge=8)
     precompute_ref: bool = True
-    share_prompt: bool = True  # DPO: a pair's prompt runs once for both replies
-    gradient_checkpointing: bool | None = None
+    # DPO: a pair's prompt runs once for both replies; it needs the key/value cache, which
+    # activation checkpointing turns off. None: on unless checkpointing is.
+    share_prompt: bool | None = None
+    gradient_checkpointing: bool | None = None  # None: on for GPUs unless share_prompt is set
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(50, ge=1)
@@ -261,6 +265,9 @@ STAGES = ("data", "generate", "score", "pairs", "train", "evaluate", "report")
 
 class PipelineConfig(_Section):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    # where every model of the run loads (devices.py); --device on the command line wins
+    device: str | None = None
+    attn_implementation: str | None = None
     output_dir: Path | None = None  # default: runs/<name>
     seed: int = 0
     data: DataSection | None = None
@@ -325,7 +332,21 @@ def load_config(path: str | Path) -> PipelineConfig:
                 m.model = str(base / m.model)
             if m.evaluate is not None:
                 m.evaluate.dialogues = base / m.evaluate.dialogues
+    _apply_device_policy(path, config)
     return config
+
+
+def _apply_device_policy(path: Path, config: PipelineConfig) -> None:
+    """The config's ``device`` / ``attn_implementation`` become the process's policy (a
+    command-line ``--device`` keeps precedence); a device this machine lacks is exit 2."""
+    for key in ("device", "attn_implementation"):
+        value = getattr(config, key)
+        if value is None:
+            continue
+        try:
+            devices.configure(**{key: value})
+        except InputError as err:
+            raise InputError(path, err.message, field=key) from None
 
 
 def _relative(base: Path, location: str) -> str:

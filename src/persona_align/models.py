@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.files import write_folder
 
@@ -201,7 +202,7 @@ def load_tokenizer(name: str) -> Any:
     return AutoTokenizer.from_pretrained(resolved.location)
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # auto: devices.default_dtype()
 
 
 def _convert_gguf(resolved: ResolvedModel, target: Path) -> None:
@@ -274,8 +275,9 @@ def adapter_base(folder: str | Path) -> str | None:
     return base
 
 
-def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
-    """(model, tokenizer) for generation or training, in eval mode, on the CPU/GPU default.
+def load_causal_lm(name: str, dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) for generation or training, in eval mode, placed by the device
+    policy (``devices``) in ``dtype`` (``auto``: the device's default).
 
     A LoRA adapter folder loads over its base and is merged, so what comes back is a plain
     model: generation runs at full speed and a further LoRA can be trained on top of it (PAL's
@@ -286,6 +288,7 @@ def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
 
     if dtype not in DTYPES:
         raise InputError(None, f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = devices.dtype_for(dtype)
     location = model_dir(name)
     base = adapter_base(location) if Path(location).is_dir() else None
     if base is not None:
@@ -299,9 +302,11 @@ def load_causal_lm(name: str, dtype: str = "float32") -> tuple[Any, Any]:
         return model, tokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(location)
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(
+            location, dtype=getattr(torch, dtype), **devices.load_kwargs()
+        )
     except (OSError, ValueError) as err:  # ValueError: e.g. a folder without a tokenizer
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError(None, f"cannot load model {name!r}: {first}") from None
-    model.eval()
+    devices.place(model, "causal lm").eval()
     return model, tokenizer

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.generation.base import (
     GenerationParams,
@@ -34,7 +35,7 @@ class HFResponder(Responder):
     def __init__(
         self,
         model: str = "embedded",
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 8,
         name: str | None = None,
         guesses: int = 4,
@@ -63,7 +64,7 @@ class HFResponder(Responder):
             "kind": self.kind,
             "model": self.model_name,
             "version": version,
-            "dtype": self.dtype,
+            "dtype": devices.dtype_for(self.dtype),  # the replies differ by dtype
         }
 
     def prepare(self) -> None:

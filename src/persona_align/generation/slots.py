@@ -91,12 +91,16 @@ def supported(model: Any, longest: int) -> bool:
 
 class _Rows:
     """Where each slot's next keys/values go (its length so far), how many slots the current
-    step feeds (the first ``count``), how many tokens each is fed, and the live width."""
+    step feeds (the first ``count``), how many tokens each is fed, and the live width.
+
+    ``lengths`` stays on the CPU (read as Python ints every step); ``slots`` and ``columns``,
+    the cache cells this step writes, are set per step on the model's device."""
 
     def __init__(self) -> None:
         self.lengths = torch.zeros(0, dtype=torch.long)
         self.count = 0
         self.fed = 1
+        self.slots = self.columns = torch.zeros(0, dtype=torch.long)
 
     @property
     def width(self) -> int:
@@ -115,9 +119,7 @@ class _SlotLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        count = self.rows.count
-        slots = torch.arange(count)[:, None]
-        columns = self.rows.lengths[:count, None] + torch.arange(key_states.shape[2])
+        count, slots, columns = self.rows.count, self.rows.slots, self.rows.columns
         self.keys[slots, :, columns] = key_states.transpose(1, 2)
         self.values[slots, :, columns] = value_states.transpose(1, 2)
         width = self.rows.width
@@ -230,13 +232,15 @@ class SlotDecoder:
         self.rows.count = count = len(tokens)
         self.rows.fed = fed = len(tokens[0])
         positions = self.rows.lengths[:count, None] + torch.arange(fed)
+        self.rows.slots = torch.arange(count, device=device)[:, None]
+        self.rows.columns = positions.to(device)
         visible = torch.arange(self.rows.width)[None, None, :] <= positions[:, :, None]
         mask = torch.zeros(visible.shape, dtype=self.dtype)
         mask.masked_fill_(~visible, torch.finfo(self.dtype).min)
         out = self.model(
             input_ids=torch.tensor(tokens, device=device),
             attention_mask=mask[:, None].to(device),
-            position_ids=positions.to(device),
+            position_ids=self.rows.columns,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=fed,

@@ -267,7 +267,7 @@ class Engine:
         return shown
 
 
-def load_engine(name: str, dtype: str = "float32", batch_size: int = 8) -> Engine:
+def load_engine(name: str, dtype: str = "auto", batch_size: int = 8) -> Engine:
     """``embedded``, a checkpoint folder, a hub id, or a PEFT adapter folder (merged into its
     base by ``models.load_causal_lm``; its own tokenizer when one is saved beside it);
     ``batch_size`` greedy replies decode together."""

@@ -77,7 +77,8 @@ class _Watch(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         self.job.report(input_ids[0, len(self.job.prompt) :].tolist(), done=False)
-        return torch.full((input_ids.shape[0],), self.job.cancelled.is_set(), dtype=torch.bool)
+        stop = self.job.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 class Scheduler:

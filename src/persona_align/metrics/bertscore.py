@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.models import model_version, resolve
@@ -105,6 +106,7 @@ class BERTScore(Metric):
                 num_layers=self.num_layers,
                 batch_size=self.batch_size,
                 nthreads=0,  # idf counting in-process: no worker pool beside torch's threads
+                device=devices.target("bertscore"),
                 idf=self.idf,
                 idf_sents=self._idf_corpus or None,
             )

@@ -15,11 +15,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.coherence_judge import CoherenceJudge, coherence_input
 from persona_align.metrics.loading import first_line, pretrained_source
-from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, device, embedded_dir
+from persona_align.metrics.nli import EMBEDDED_CLASSIFIERS, embedded_dir
 from persona_align.models import DTYPES, load_causal_lm, model_version, resolve, tree_digest
 from persona_align.prompting import (
     MIN_SHARED_PREFIX,
@@ -133,14 +134,16 @@ class CohUniEval(Metric):
         location, local_only = pretrained_source(self.model_name)
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-            model = AutoModelForSeq2SeqLM.from_pretrained(location, local_files_only=local_only)
+            model = AutoModelForSeq2SeqLM.from_pretrained(
+                location, local_files_only=local_only, **devices.load_kwargs()
+            )
         except (OSError, ValueError) as err:
             raise Unavailable(f"cannot load {self.model_name!r}: {first_line(err)}") from None
         if model.config.decoder_start_token_id is None:
             raise Unavailable(f"{self.model_name!r} has no decoder_start_token_id")
         tokenizer.padding_side = "right"
         self._yes, self._no = _answer_ids(tokenizer, ["Yes"], ["No"])
-        self._model, self._tokenizer = model.to(device()).eval(), tokenizer
+        self._model, self._tokenizer = devices.place(model, "unieval").eval(), tokenizer
         self._version = model_version(self.model_name)
 
     def inputs(self, items: Sequence[ScoreItem]) -> list[str]:
@@ -191,7 +194,7 @@ class CohLLMJudge(Metric):
     def __init__(
         self,
         model: str = "embedded",
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 8,
         share_prefix: bool = True,
     ) -> None:
@@ -220,7 +223,7 @@ class CohLLMJudge(Metric):
             "name": self.name,
             "model": self.model_name,
             "version": self._version,
-            "dtype": self.dtype,
+            "dtype": devices.dtype_for(self.dtype),
             "prompt": JUDGE_PROMPT,
         }
 
@@ -240,7 +243,7 @@ class CohLLMJudge(Metric):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self._yes, self._no = _answer_ids(tokenizer, ["Yes", " Yes"], ["No", " No"])
-        self._model, self._tokenizer = model.to(device()), tokenizer
+        self._model, self._tokenizer = model, tokenizer  # placed by load_causal_lm
         self._version = model_version(self.model_name)
 
     def prompts(self, items: Sequence[ScoreItem]) -> list[str]:

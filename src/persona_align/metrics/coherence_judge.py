@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from persona_align import devices
 from persona_align.metrics.base import Unavailable
 from persona_align.records import Turn
 
@@ -159,7 +160,7 @@ class CoherenceJudge:
 
 
 def load_encoder(name: str) -> Any:
-    """The sentence encoder the features come from, on the CPU/GPU default device."""
+    """The sentence encoder the features come from, on the policy's device."""
     from sentence_transformers import SentenceTransformer
 
     from persona_align.errors import InputError
@@ -170,7 +171,11 @@ def load_encoder(name: str) -> Any:
     except InputError as err:
         raise Unavailable(err.message) from None
     try:
-        return SentenceTransformer(resolved.location, local_files_only=resolved.kind != "hub")
+        return SentenceTransformer(
+            resolved.location,
+            local_files_only=resolved.kind != "hub",
+            device=devices.target("coherence encoder"),
+        )
     except (OSError, ValueError) as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise Unavailable(f"cannot load encoder {name!r}: {reason}") from None

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from statistics import fmean
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, register_metric
 from persona_align.metrics.judges import c_pair, c_value
@@ -97,7 +98,7 @@ class PersonaGate:
         return {
             "model": self.model.name,
             "version": self.model.version,
-            "dtype": self.model.dtype,
+            "dtype": devices.dtype_for(self.model.dtype),
             "mode": self.mode,
             "spec": self.model.spec,
         }
@@ -113,7 +114,7 @@ class CScore(Metric):
         model: str = EMBEDDED_C_JUDGE,
         mode: str | None = None,
         judge: str | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 64,
         **llm_options: Any,
     ) -> None:
@@ -163,7 +164,7 @@ class UEScore(Metric):
         self,
         model: str = EMBEDDED_NLI,
         persona_model: str = EMBEDDED_C_JUDGE,
-        dtype: str = "float32",
+        dtype: str = "auto",
         batch_size: int = 64,
     ) -> None:
         super().__init__()
@@ -181,7 +182,7 @@ class UEScore(Metric):
             "name": self.name,
             "model": self.nli.name,
             "version": self.nli.version,
-            "dtype": self.nli.dtype,
+            "dtype": devices.dtype_for(self.nli.dtype),
             "persona": self.gate.settings(),
         }
 

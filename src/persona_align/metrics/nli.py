@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from persona_align import devices
 from persona_align.data.nli import LABELS, Label, NLIPair, normalise_label
 from persona_align.errors import InputError
 from persona_align.metrics.base import Unavailable
@@ -33,7 +34,7 @@ EMBEDDED_CLASSIFIERS = {
     "embedded-c-judge": "judge-c",
     "embedded-coh-judge": "judge-coh",
 }
-NLI_DTYPES = ("float32", "bfloat16")
+NLI_DTYPES = ("auto", "float32", "bfloat16")  # auto: devices.default_dtype()
 Pair = tuple[str, str]
 
 
@@ -91,7 +92,7 @@ MEMO_SIZE = 100_000
 _SHARED: dict[tuple[str, str, int], PairClassifier] = {}
 
 
-def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int = 64) -> NLIModel:
+def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "auto", batch_size: int = 64) -> NLIModel:
     """One NLIModel per (name, dtype, batch size) in a process: C and UE then load the model
     once, and UE's (persona, reply) pairs — the very pairs C scores — come from its memo."""
     key = (name, dtype, batch_size)
@@ -100,13 +101,6 @@ def shared_nli(name: str = EMBEDDED_NLI, dtype: str = "float32", batch_size: int
     found = _SHARED[key]
     assert isinstance(found, NLIModel)
     return found
-
-
-def device() -> str:
-    """Where our metric models run: a GPU when there is one (results return to the CPU)."""
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class PairClassifier:
@@ -122,7 +116,7 @@ class PairClassifier:
 
     kind = "pair-classifier"
 
-    def __init__(self, name: str, *, dtype: str = "float32", batch_size: int = 64) -> None:
+    def __init__(self, name: str, *, dtype: str = "auto", batch_size: int = 64) -> None:
         if dtype not in NLI_DTYPES:
             raise InputError(
                 None, f"NLI dtype must be one of {', '.join(NLI_DTYPES)}, got {dtype!r}"
@@ -175,7 +169,9 @@ class PairClassifier:
                 if adapter:
                     model, tokenizer = _load_adapter(Path(location))
                 else:
-                    model = AutoModelForSequenceClassification.from_pretrained(location)
+                    model = AutoModelForSequenceClassification.from_pretrained(
+                        location, **devices.load_kwargs()
+                    )
                     tokenizer = AutoTokenizer.from_pretrained(location)
         except Unavailable:
             raise
@@ -188,8 +184,8 @@ class PairClassifier:
         self.max_length = self.spec.get("max_length")
         root = Path(location)
         self.version = tree_digest(root) if root.is_dir() else location
-        model.eval().to(device())
-        if self.dtype == "bfloat16":
+        devices.place(model, self.kind).eval()
+        if devices.dtype_for(self.dtype) == "bfloat16":
             model.to(torch.bfloat16)
         self.model, self.tokenizer = model, tokenizer
 
@@ -253,7 +249,7 @@ class NLIModel(PairClassifier):
     kind = "NLI"
 
     def __init__(
-        self, name: str = EMBEDDED_NLI, *, dtype: str = "float32", batch_size: int = 64
+        self, name: str = EMBEDDED_NLI, *, dtype: str = "auto", batch_size: int = 64
     ) -> None:
         super().__init__(name, dtype=dtype, batch_size=batch_size)
 
@@ -304,7 +300,9 @@ def _load_adapter(folder: Path) -> tuple[Any, Any]:
         raise Unavailable(f"{folder}/adapter_config.json does not name its base model")
     base = resolve(base_name).location
     config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(base, config=config)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        base, config=config, **devices.load_kwargs()
+    )
     model = PeftModel.from_pretrained(model, folder).merge_and_unload()
     has_tokenizer = (folder / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else base)

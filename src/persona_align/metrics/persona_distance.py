@@ -30,6 +30,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.metrics.loading import first_line, pretrained_source
@@ -130,7 +131,9 @@ class PersonaDistance(Metric):
 
         location, local_only = pretrained_source(self.model_name)
         try:
-            self._encoder = SentenceTransformer(location, local_files_only=local_only)
+            self._encoder = SentenceTransformer(
+                location, local_files_only=local_only, device=devices.target("P encoder")
+            )
         except (OSError, ValueError) as err:
             raise Unavailable(f"cannot load {self.model_name!r}: {first_line(err)}") from None
         self._version = model_version(self.model_name)

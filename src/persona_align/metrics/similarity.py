@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.metrics.base import Metric, ScoreItem, Unavailable, register_metric
 from persona_align.models import model_version, resolve
@@ -51,7 +52,9 @@ class SBSSimilarity(Metric):
 
         try:
             self._encoder = SentenceTransformer(
-                resolved.location, local_files_only=resolved.kind != "hub"
+                resolved.location,
+                local_files_only=resolved.kind != "hub",
+                device=devices.target("similarity encoder"),
             )
         except (OSError, ValueError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]

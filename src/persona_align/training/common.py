@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from persona_align import devices
 from persona_align.config import TrainConfig
 from persona_align.errors import InputError
 from persona_align.files import check_output_folder, require_file
@@ -48,21 +49,44 @@ DEFAULT_LR = {
 
 @dataclass(frozen=True)
 class DeviceDefaults:
-    """Settings that depend on the hardware: bf16 and checkpointing pay off on GPUs only."""
+    """Settings that depend on the hardware (never the batch): bf16 and checkpointing pay off
+    on GPUs only."""
 
     device: str
     precision: str
-    batch_size: int
-    grad_accum: int
     gradient_checkpointing: bool
 
 
 def device_defaults() -> DeviceDefaults:
-    if torch.cuda.is_available():
-        bf16 = torch.cuda.is_bf16_supported()
-        return DeviceDefaults("cuda", "bf16" if bf16 else "fp32", 4, 4, True)
+    """For the device policy's device (``devices``)."""
+    where = devices.current()
+    if where.startswith("cuda"):
+        precision = "bf16" if devices.default_dtype(where) == "bfloat16" else "fp32"
+        return DeviceDefaults(where, precision, True)
     # On CPUs fp32 is the safe default: without bf16 matrix units bf16 runs several times slower.
-    return DeviceDefaults("cpu", "fp32", 2, 1, False)
+    return DeviceDefaults(where, "fp32", False)
+
+
+def memory_settings(config: TrainConfig) -> tuple[bool, bool]:
+    """(gradient checkpointing, share_prompt): an explicit choice of one sets the default of the
+    other; both on is refused (checkpointed layers run without the cache sharing needs)."""
+    if config.gradient_checkpointing and config.share_prompt:
+        raise InputError(
+            None,
+            "share_prompt needs the key/value cache, which gradient_checkpointing turns off; "
+            "set one of them to false",
+            field="train.share_prompt",
+        )
+    checkpointing = config.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = device_defaults().gradient_checkpointing and not config.share_prompt
+    share = (not checkpointing) if config.share_prompt is None else config.share_prompt
+    return checkpointing, share
+
+
+def training_precision(config: TrainConfig) -> str:
+    """``bf16`` or ``fp32``: the config's, or the device's default."""
+    return device_defaults().precision if config.precision == "auto" else config.precision
 
 
 def run_paths(config: TrainConfig) -> tuple[Path, Path]:
@@ -77,22 +101,18 @@ def run_paths(config: TrainConfig) -> tuple[Path, Path]:
 def trainer_arguments(config: TrainConfig) -> dict[str, Any]:
     """The transformers/TRL arguments this config implies, device defaults filled in."""
     defaults = device_defaults()
-    precision = defaults.precision if config.precision == "auto" else config.precision
-    checkpointing = (
-        defaults.gradient_checkpointing
-        if config.gradient_checkpointing is None
-        else config.gradient_checkpointing
-    )
+    precision = training_precision(config)
+    checkpointing, _ = memory_settings(config)
     return {
         "output_dir": str(config.output_dir),
         "learning_rate": config.learning_rate or DEFAULT_LR[(config.method, config.finetune)],
         "num_train_epochs": config.epochs,
         "max_steps": config.max_steps,
-        "per_device_train_batch_size": config.batch_size or defaults.batch_size,
-        "gradient_accumulation_steps": config.grad_accum or defaults.grad_accum,
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
         "warmup_steps": config.warmup_steps,
         "max_length": config.max_length,
-        "gradient_checkpointing": checkpointing,
+        "activation_checkpointing": checkpointing,
         "bf16": precision == "bf16",
         "fp16": False,
         "use_cpu": defaults.device == "cpu",
@@ -145,10 +165,12 @@ def quiet_training_logs() -> Iterator[None]:
             os.environ["TQDM_DISABLE"] = previous[1]
 
 
-def load_for_training(name: str) -> tuple[Any, Any]:
+def load_for_training(name: str, dtype: str = "float32") -> tuple[Any, Any]:
     """The model with every weight trainable (LoRA freezes the base itself): a merged adapter,
-    such as PAL's stage-1 model, comes back from PEFT with its weights frozen."""
-    model, tokenizer = load_causal_lm(name)
+    such as PAL's stage-1 model, comes back from PEFT with its weights frozen. ``dtype``: a
+    LoRA run in bf16 holds its frozen base in bf16 (half the memory); a full fine-tune keeps
+    fp32 master weights."""
+    model, tokenizer = load_causal_lm(name, dtype)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.requires_grad_(True)
@@ -402,7 +424,8 @@ def train_rows(
     data, output_dir = run_paths(config)
     checkpoint = resume_checkpoint(output_dir, resume)
     examples = load(data)
-    model, tokenizer = load_for_training(config.model)
+    lora_bf16 = config.finetune == "lora" and training_precision(config) == "bf16"
+    model, tokenizer = load_for_training(config.model, "bfloat16" if lora_bf16 else "float32")
     lengths = check_lengths(
         tokenizer, examples.keys, examples.prompts, examples.completions, config.max_length
     )
@@ -428,6 +451,9 @@ def train_rows(
     summary = {
         "method": config.method,
         "finetune": config.finetune,
+        "device": device_defaults().device,
+        "precision": training_precision(config),
+        "effective_batch": config.batch_size * config.grad_accum,
         **describe([key for key, _ in kept], len(used)),
         **lengths.as_dict(),
         "resumed_from": Path(checkpoint).name if checkpoint else None,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.files import check_output_folder, write_folder
 from persona_align.metrics.nli import quiet_transformers
@@ -44,12 +45,15 @@ class FitSettings:
     seed: int = 0
     max_steps: int | None = None
     init: str | None = None  # an adapter to continue from (e.g. embedded-nli), not a fresh LoRA
+    layers: int | None = None  # keep only the base's first N transformer layers (a faster judge)
 
     def check(self) -> None:
         for name, low in (("epochs", 1), ("lr", 1e-12), ("lora_r", 1), ("batch_size", 1),
                           ("max_length", 8)):  # fmt: skip
             if getattr(self, name) < low:
                 raise InputError(None, f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.layers is not None and self.layers < 1:
+            raise InputError(None, f"layers must be at least 1, got {self.layers}")
 
     def as_dict(self) -> dict[str, Any]:
         import torch
@@ -59,7 +63,7 @@ class FitSettings:
             "lora_alpha": self.lora_alpha or 2 * self.lora_r, "batch_size": self.batch_size,
             "max_length": self.max_length, "train_norms": self.train_norms, "bf16": self.bf16,
             "seed": self.seed, "max_steps": self.max_steps, "threads": torch.get_num_threads(),
-            "init": self.init,
+            "init": self.init, "layers": self.layers,
         }  # fmt: skip
 
 
@@ -142,8 +146,14 @@ def fit_pair_classifier(
         raise InputError(None, f"--base: {err}") from None
     torch.manual_seed(settings.seed)
     tokenizer = AutoTokenizer.from_pretrained(location)
+    config = AutoConfig.from_pretrained(location)
+    if settings.layers is not None and settings.layers > config.num_hidden_layers:
+        raise InputError(
+            None, f"layers: {settings.base} has {config.num_hidden_layers}, got {settings.layers}"
+        )
     config = AutoConfig.from_pretrained(
         location,
+        num_hidden_layers=settings.layers or config.num_hidden_layers,
         num_labels=len(label_names),
         id2label=dict(enumerate(label_names)),
         label2id={label: i for i, label in enumerate(label_names)},
@@ -168,6 +178,8 @@ def fit_pair_classifier(
         else:
             model = _continue_from(base_model, settings.init, label_names)
     model.peft_config["default"].base_model_name_or_path = settings.base
+    devices.place(model, what)
+    device = model.device
 
     encoded = tokenizer(
         [a for a, _ in pairs], [b for _, b in pairs], truncation=True,
@@ -181,6 +193,7 @@ def fit_pair_classifier(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.01)
     schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * len(plan)), len(plan))
     scale = torch.tensor(list(weights) if weights is not None else [1.0] * len(pairs))
+    targets = torch.tensor(list(labels))
 
     began = time.perf_counter()
     losses: list[float] = []
@@ -189,13 +202,13 @@ def fit_pair_classifier(
         for rows in plan:
             batch = tokenizer.pad(
                 [{key: encoded[key][i] for key in encoded} for i in rows], return_tensors="pt"
-            )
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16):
+            ).to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 logits = model(**batch).logits
             row_losses = torch.nn.functional.cross_entropy(
-                logits.float(), torch.tensor([labels[i] for i in rows]), reduction="none"
+                logits.float(), targets[rows].to(device), reduction="none"
             )
-            row_scale = scale[rows]
+            row_scale = scale[rows].to(device)
             loss = (row_losses * row_scale).sum() / row_scale.sum()
             loss.backward()
             losses.append(loss.item())
@@ -205,7 +218,7 @@ def fit_pair_classifier(
             optimizer.zero_grad(set_to_none=True)
             advance(1)
     model.eval()
-    return model, tokenizer, config, losses, time.perf_counter() - began
+    return model.cpu(), tokenizer, config, losses, time.perf_counter() - began
 
 
 def loss_curve(losses: Sequence[float], points: int = 20) -> list[float]:

@@ -25,7 +25,7 @@ from trl import DPOConfig, DPOTrainer
 from persona_align.config import TrainConfig
 from persona_align.errors import InputError
 from persona_align.records import PreferencePair, read_records
-from persona_align.training.common import TrainingSet, train_rows
+from persona_align.training.common import TrainingSet, memory_settings, train_rows
 
 WEIGHT_KEY = "pair_weight"
 
@@ -38,11 +38,13 @@ class WeightedDPOConfig(DPOConfig):
         default="weight",
         metadata={"help": "Dataset column with the per-pair loss weight; None for vanilla DPO."},
     )
-    share_prompt: bool = field(
-        default=True,
+    share_prompt: bool | None = field(
+        default=None,
         metadata={
             "help": "Run the prompt a pair's chosen and rejected replies share through the "
-            "model once (its keys and values serve both replies); same loss, less compute."
+            "model once (its keys and values serve both replies); same loss, less compute. "
+            "It needs the key/value cache, which activation checkpointing turns off: None "
+            "means on unless checkpointing is; both on is an error."
         },
     )
     weight_norm: str = field(
@@ -52,6 +54,19 @@ class WeightedDPOConfig(DPOConfig):
             "changes how pairs share the loss, not the step size; 'none' keeps them."
         },
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.share_prompt is None:
+            self.share_prompt = not self.activation_checkpointing
+        elif self.share_prompt and self.activation_checkpointing:
+            raise ValueError(SHARE_NEEDS_CACHE)
+
+
+SHARE_NEEDS_CACHE = (
+    "share_prompt needs the key/value cache, which activation checkpointing turns off; "
+    "set one of them to false"
+)
 
 
 class _WeightedCollator:
@@ -225,14 +240,11 @@ class WeightedDPOTrainer(DPOTrainer):
 
     def _policy(self, model: Any, pair: dict[str, Any]) -> Any:
         """The model, called through ``_PromptOnce`` when the prompt can be shared."""
-        share = (
-            getattr(self.args, "share_prompt", False)
-            and not self.aux_loss_enabled
-            # checkpointed layers run without a key/value cache
-            and not getattr(
-                self.accelerator.unwrap_model(model), "is_activation_checkpointing", False
-            )
-        )
+        share = getattr(self.args, "share_prompt", False) and not self.aux_loss_enabled
+        if share and getattr(
+            self.accelerator.unwrap_model(model), "is_activation_checkpointing", 0
+        ):
+            raise ValueError(SHARE_NEEDS_CACHE)  # turned on after the config was checked
         return _PromptOnce(model, pair["completion_mask"]) if share else model
 
     def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
@@ -331,7 +343,7 @@ def train_dpo(
     method_args = {
         "beta": config.beta,
         "precompute_ref_log_probs": config.precompute_ref,
-        "share_prompt": config.share_prompt,
+        "share_prompt": memory_settings(config)[1],
         "weight_column": "weight",
         "weight_norm": config.weight_norm,
     }

@@ -20,6 +20,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
+from persona_align import devices
 from persona_align.errors import InputError
 from persona_align.models import DTYPES, load_causal_lm, resolve
 from persona_align.preference.sbs.nouns import Slot, is_word
@@ -137,12 +138,14 @@ class MaskLMFiller(Filler):
             raise InputError(None, f"SBS filler 'mask-lm': {err}") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
-            model = AutoModelForMaskedLM.from_pretrained(location, local_files_only=local_only)
+            model = AutoModelForMaskedLM.from_pretrained(
+                location, local_files_only=local_only, **devices.load_kwargs()
+            )
         except (OSError, ValueError) as err:
             raise _unloadable("mask-lm", self.model_name, err) from None
         if tokenizer.mask_token is None:
             raise InputError(None, f"SBS filler 'mask-lm': {self.model_name!r} has no mask token")
-        model.eval()
+        devices.place(model, "mask-lm filler").eval()
         self._model, self._tokenizer = model, tokenizer
 
     def fill(self, slots: Sequence[Slot]) -> list[list[str]]:
@@ -162,7 +165,7 @@ class MaskLMFiller(Filler):
                 padding=True,
                 truncation=True,
                 max_length=max_length,
-            )
+            ).to(model.device)
             with torch.inference_mode():
                 logits = model(**enc).logits
             for row in range(len(batch)):
@@ -229,7 +232,9 @@ class NeighbourFiller(Filler):
             except Unavailable as err:
                 raise InputError(None, f"SBS filler 'neighbour': {err}") from None
             try:
-                self._encoder = SentenceTransformer(location, local_files_only=local_only)
+                self._encoder = SentenceTransformer(
+                    location, local_files_only=local_only, device=devices.target("neighbour filler")
+                )
             except (OSError, ValueError) as err:
                 raise _unloadable("neighbour", self.model_name, err) from None
         self._words = [word for word, _ in vocabulary]
@@ -267,7 +272,7 @@ class ChatFiller(Filler):
         candidates: int = 2,
         batch_size: int = 8,
         max_new_tokens: int = 8,
-        dtype: str = "float32",
+        dtype: str = "auto",
     ) -> None:
         for key, value in (
             ("candidates", candidates),
@@ -321,6 +326,7 @@ class ChatFiller(Filler):
                 for s in batch
             ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
             with torch.inference_mode():
                 generated = model.generate(
                     **enc,

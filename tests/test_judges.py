@@ -388,6 +388,30 @@ def test_train_judge_writes_a_loadable_judge(tmp_path: Path, tiny_encoder: Path,
         train_judge("coh", tmp_path / "empty", settings=settings)
 
 
+def test_a_judge_over_fewer_layers_loads_with_those_layers(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    """``layers`` keeps the encoder's first N layers; the judge folder's config says so, and it
+    loads with N layers over the full base, continuing from a judge trained over all of them."""
+    from persona_align.metrics.nli import PairClassifier
+    from persona_align.training.cross_encoder import FitSettings
+    from persona_align.training.judge import train_judge
+
+    rows = [row(f"reply {i}", (-1, 0, 1)[i % 3]) for i in range(6)]
+    data = write_items(tmp_path / "train.jsonl", rows)
+    common = {"base": str(tiny_encoder), "max_steps": 1, "batch_size": 4, "max_length": 64}
+    train_judge("c", tmp_path / "full", train=[data], settings=FitSettings(**common))
+    student = FitSettings(**common, layers=1, init=str(tmp_path / "full"))
+    train_judge("c", tmp_path / "short", train=[data], settings=student)
+    judge = PairClassifier(str(tmp_path / "short"))
+    judge.load()
+    assert len(judge.model.bert.encoder.layer) == 1
+    saved = json.loads((tmp_path / "short" / "training.json").read_text())
+    assert saved["settings"]["layers"] == 1
+    with pytest.raises(InputError, match="has 2, got 3"):
+        train_judge("c", tmp_path / "long", train=[data], settings=FitSettings(**common, layers=3))
+
+
 def test_train_coherence_judge_writes_a_loadable_judge(tmp_path: Path, cli) -> None:
     from persona_align.metrics.coherence_judge import HEADS
     from persona_align.training.cross_encoder import FitSettings

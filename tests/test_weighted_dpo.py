@@ -98,9 +98,13 @@ def stock_pair_losses(make) -> list[torch.Tensor]:
     return [stock._compute_loss(stock.model, _pair_slice(batch, i, 4), False) for i in range(4)]
 
 
-def test_weighted_loss_is_weighted_mean_of_stock_pair_losses(make) -> None:
+FORWARDS = pytest.mark.parametrize("share", [True, False], ids=["prompt-once", "batch-once"])
+
+
+@FORWARDS
+def test_weighted_loss_is_weighted_mean_of_stock_pair_losses(make, share: bool) -> None:
     weights = [1.0, 0.0, 0.5, 2.0]
-    trainer, batch = make(weights)
+    trainer, batch = make(weights, share_prompt=share)
     assert batch[WEIGHT_KEY].tolist() == weights
     loss = trainer.compute_loss(trainer.model, dict(batch)).item()
     per_pair = [loss_i.item() for loss_i in stock_pair_losses(make)]
@@ -130,12 +134,13 @@ def test_all_ones_reproduce_the_stock_trainer(make) -> None:
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
 
 
-def test_zero_weight_pair_contributes_no_gradient(make) -> None:
+@FORWARDS
+def test_zero_weight_pair_contributes_no_gradient(make, share: bool) -> None:
     def flat(model: torch.nn.Module) -> torch.Tensor:
         return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     def grads(weights: list[float]) -> torch.Tensor:
-        trainer, batch = make(weights)
+        trainer, batch = make(weights, share_prompt=share)
         trainer.compute_loss(trainer.model, dict(batch)).backward()
         return flat(trainer.model)
 
@@ -144,6 +149,15 @@ def test_zero_weight_pair_contributes_no_gradient(make) -> None:
     stock, batch = make([1.0] * 4, stock=True)
     (stock._compute_loss(stock.model, _pair_slice(batch, 0, 4), False) / 4).backward()
     assert torch.allclose(grads([1.0, 0.0, 0.0, 0.0]), flat(stock.model), atol=1e-7)
+
+
+def test_without_share_prompt_the_batch_runs_through_the_model_once(make) -> None:
+    trainer, batch = make([1.0, 0.5, 2.0, 0.0], share_prompt=False)
+    calls = []
+    hook = trainer.model.register_forward_hook(lambda module, args, out: calls.append(1))
+    trainer.compute_loss(trainer.model, dict(batch)).backward()
+    hook.remove()
+    assert len(calls) == 1
 
 
 def test_shared_prompt_gives_the_stock_loss_and_gradient_with_fewer_tokens(make) -> None:

@@ -176,6 +176,10 @@ def train_judge_command(
         float,
         typer.Option(help="What a --train item counts against a DNLI pair or pseudo-negative."),
     ] = 1.0,
+    layers: Annotated[
+        int | None,
+        typer.Option(help="C: keep only the encoder's first N layers (a faster judge)."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a judge (LoRA over the embedded MiniLM) and report it on the --dev files."""
@@ -187,7 +191,7 @@ def train_judge_command(
     if task not in TASKS:
         raise InputError(None, f"task must be one of {', '.join(TASKS)}, got {task!r}")
     settings = FitSettings(epochs=epochs, lr=lr, batch_size=batch_size, max_length=max_length,
-                           bf16=bf16, seed=seed, init=init)  # fmt: skip
+                           bf16=bf16, seed=seed, init=init, layers=layers)  # fmt: skip
     result = train_judge(
         task,  # type: ignore[arg-type]
         output,

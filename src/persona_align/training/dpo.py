@@ -3,9 +3,11 @@
 PersoDPO's released trainer overrode a method TRL never calls and let TRL drop the weight
 columns, so its weighting never ran. Here the weight column is kept through TRL's column
 pruning and collator, stays out of the model forward, and multiplies each pair's own stock
-DPO loss. Pairs are evaluated one at a time inside a batch, so every per-pair loss is exactly
-the stock trainer's loss for that pair (on CPU this costs little: batching long sequences
-saves no compute there). Relies on ``DPOTrainer._compute_loss``, hence the exact TRL pin.
+DPO loss: TRL's loss code runs once per pair, so every per-pair loss is the stock trainer's
+loss for that pair. The forward behind it runs either once for the whole batch (its rows
+handed to each pair: what a GPU wants) or, with ``share_prompt``, once per pair with the
+pair's prompt run once for both replies (what a CPU wants: batching saves it nothing, the
+~800-token prompts dominate). Relies on ``DPOTrainer._compute_loss``, hence the exact TRL pin.
 """
 
 from __future__ import annotations
@@ -161,6 +163,38 @@ class _PromptOnce:
         return out
 
 
+class _BatchOnce:
+    """Calls like the policy model on one pair's rows, but runs the whole batch through the
+    model once (at the first call) and hands each pair its rows of that output.
+
+    Right padding and a causal mask leave each row's real positions as they are alone, and
+    TRL's fused head gives padded (label -100) positions zero log-probability, so each pair's
+    loss is its stock loss; the one backward pass runs through the shared forward.
+    """
+
+    FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+    def __init__(self, model: Any, inputs: dict[str, Any], pairs: int) -> None:
+        self.model, self.inputs, self.pairs = model, inputs, pairs
+        self.index = 0  # the pair the next call is for
+        self.output: Any = None
+
+    def __call__(self, labels: torch.Tensor, **kwargs: Any) -> Any:
+        if self.output is None:
+            full = self.inputs
+            batch = {k: full[k] if k in full else v for k, v in kwargs.items()}
+            mask = full["completion_mask"]
+            self.output = self.model(**batch, labels=full["input_ids"].masked_fill(mask == 0, -100))
+        rows = [self.index, self.pairs + self.index]
+        self.index += 1
+        out = copy.copy(self.output)
+        for name in self.FIELDS:
+            value = getattr(out, name, None)
+            if isinstance(value, torch.Tensor) and value.size(0) == 2 * self.pairs:
+                setattr(out, name, value[rows])
+        return out
+
+
 def _trim(pair: dict[str, Any]) -> dict[str, Any]:
     """Drop the padding columns a pair got from longer pairs of its batch (right padding)."""
     mask = pair.get("attention_mask")
@@ -266,9 +300,14 @@ class WeightedDPOTrainer(DPOTrainer):
             return super()._compute_loss(model, inputs, return_outputs)
         pairs = weights.size(0)
         losses = []
-        for i in range(pairs):
-            pair = _trim(_pair_slice(inputs, i, pairs))
-            losses.append(super()._compute_loss(self._policy(model, pair), pair, False))
+        if getattr(self.args, "share_prompt", False) or self.aux_loss_enabled:
+            for i in range(pairs):
+                pair = _trim(_pair_slice(inputs, i, pairs))
+                losses.append(super()._compute_loss(self._policy(model, pair), pair, False))
+        else:  # one forward for the batch; TRL's loss code per pair on its rows
+            once = _BatchOnce(model, inputs, pairs)
+            for i in range(pairs):
+                losses.append(super()._compute_loss(once, _pair_slice(inputs, i, pairs), False))
         loss = (torch.stack(losses) * weights.to(losses[0].device)).mean()
         return (loss, {}) if return_outputs else loss
 

@@ -182,7 +182,7 @@ class _BatchOnce:
     def __call__(self, labels: torch.Tensor, **kwargs: Any) -> Any:
         if self.output is None:
             full = self.inputs
-            batch = {k: full[k] if k in full else v for k, v in kwargs.items()}
+            batch = {k: full.get(k, v) for k, v in kwargs.items()}
             mask = full["completion_mask"]
             self.output = self.model(**batch, labels=full["input_ids"].masked_fill(mask == 0, -100))
         rows = [self.index, self.pairs + self.index]

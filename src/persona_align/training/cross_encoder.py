@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -135,11 +136,13 @@ def fit_pair_classifier(
         AutoConfig,
         AutoModelForSequenceClassification,
         AutoTokenizer,
-        get_linear_schedule_with_warmup,
+        TrainingArguments,
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    from persona_align.training.pair_trainer import PairCollator, PairTrainer, Progress
 
     settings.check()
-    rng = random.Random(settings.seed)
     try:
         location = resolve(settings.base).location
     except InputError as err:
@@ -179,46 +182,76 @@ def fit_pair_classifier(
             model = _continue_from(base_model, settings.init, label_names)
     model.peft_config["default"].base_model_name_or_path = settings.base
     devices.place(model, what)
-    device = model.device
 
     encoded = tokenizer(
         [a for a, _ in pairs], [b for _, b in pairs], truncation=True,
         max_length=settings.max_length,
     )  # fmt: skip
-    lengths = [len(ids) for ids in encoded["input_ids"]]
-    plan = [b for _ in range(settings.epochs) for b in _batches(lengths, settings.batch_size, rng)]
+    rows = [
+        {**{key: encoded[key][i] for key in encoded}, "labels": label, "weight": weight}
+        for i, (label, weight) in enumerate(
+            zip(labels, weights if weights is not None else [1.0] * len(pairs), strict=True)
+        )
+    ]
+    batches = _PlannedBatches([len(ids) for ids in encoded["input_ids"]], settings)
+    steps = settings.epochs * len(batches)
     if settings.max_steps is not None:
-        plan = plan[: settings.max_steps]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.01)
-    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * len(plan)), len(plan))
-    scale = torch.tensor(list(weights) if weights is not None else [1.0] * len(pairs))
-    targets = torch.tensor(list(labels))
-
-    began = time.perf_counter()
+        steps = min(steps, settings.max_steps)
     losses: list[float] = []
-    model.train()
-    with progress_bar(progress, what, len(plan)) as advance:
-        for rows in plan:
-            batch = tokenizer.pad(
-                [{key: encoded[key][i] for key in encoded} for i in rows], return_tensors="pt"
-            ).to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                logits = model(**batch).logits
-            row_losses = torch.nn.functional.cross_entropy(
-                logits.float(), targets[rows].to(device), reduction="none"
-            )
-            row_scale = scale[rows].to(device)
-            loss = (row_losses * row_scale).sum() / row_scale.sum()
-            loss.backward()
-            losses.append(loss.item())
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            advance(1)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as scratch, progress_bar(progress, what, steps) as advance:
+        trainer = PairTrainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=scratch,
+                per_device_train_batch_size=settings.batch_size,
+                num_train_epochs=settings.epochs,
+                max_steps=steps,
+                learning_rate=settings.lr,
+                weight_decay=0.01,
+                lr_scheduler_type="linear",
+                warmup_steps=int(0.06 * steps),
+                max_grad_norm=1.0,
+                bf16=settings.bf16,
+                use_cpu=model.device.type == "cpu",
+                logging_steps=1,
+                save_strategy="no",
+                report_to=[],
+                disable_tqdm=True,
+                seed=settings.seed,
+                data_seed=settings.seed,
+                dataloader_num_workers=0,
+                remove_unused_columns=False,
+            ),
+            train_dataset=rows,
+            data_collator=PairCollator(tokenizer),
+            callbacks=[Progress(advance, losses)],
+            batches=batches,
+        )
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
     model.eval()
     return model.cpu(), tokenizer, config, losses, time.perf_counter() - began
+
+
+class _PlannedBatches:
+    """The batch sampler: each epoch, shuffled batches of similar length (``_batches``), drawn
+    from one seeded generator, so a run is the same for a seed."""
+
+    def __init__(self, lengths: Sequence[int], settings: FitSettings) -> None:
+        self.lengths, self.size = list(lengths), settings.batch_size
+        self.rng = random.Random(settings.seed)
+        window = self.size * 50
+        self.count = sum(
+            -(-min(window, len(lengths) - start) // self.size)
+            for start in range(0, len(lengths), window)
+        )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from _batches(self.lengths, self.size, self.rng)
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def loss_curve(losses: Sequence[float], points: int = 20) -> list[float]:

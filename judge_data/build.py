@@ -27,6 +27,9 @@ CHITCHAT_DEV_FROM = 800
 # FoCus valid prompts with row >= this may have coherence-labelled replies the coherence judge
 # trains on; the coherence check's separation cases use the rows below it.
 FOCUS_COH_TRAIN_FROM = 800
+# the outcome benchmarks (persodpo_outcome.py, pal_sbs_outcome.py) evaluate on FoCus valid rows
+# below this: no judge distils on replies to them
+FOCUS_OUTCOME_ROWS = 200
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -208,7 +211,10 @@ def assemble(out: Path) -> None:
       5th written item (held out: contradiction recall is measured on it);
     - ``coh-readers.jsonl``: the first reader's coherence labels (evaluation only);
     - ``coh-train.jsonl``: coherence labels of replies to FoCus valid rows >=
-      FOCUS_COH_TRAIN_FROM (the coherence judge trains on them).
+      FOCUS_COH_TRAIN_FROM (the coherence judge trains on them);
+    - ``c-unlabelled.jsonl``: every valid LLM reply to a FoCus valid prompt of a row >=
+      FOCUS_OUTCOME_ROWS that no held-out edit comes from, without a label: what a distilled
+      judge learns the teacher's view of.
     """
     items = {item["id"]: item for item in focus_items() + chitchat_items()}
     train, dev_self, edits_eval = [], [], []
@@ -228,10 +234,18 @@ def assemble(out: Path) -> None:
     for label in read_labels("coh-train-*.a.jsonl"):
         item = items[label["item"].removeprefix("coh-")]
         coherence_train.append(judge_record(item, item["reply"], label["label"], "read"))
+    held_out = {items[r["id"].split(":")[0]]["row"] for r in edits_eval
+                if r["id"].startswith("pbf-")}  # fmt: skip
+    unlabelled = [
+        {key: item[key] for key in ("id", "persona", "persona_role", "context", "reply")}
+        for item in focus_items() if item["row"] not in held_out and
+        item["row"] >= FOCUS_OUTCOME_ROWS
+    ]  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     for name, records in (("c-train", train), ("c-dev-self", dev_self),
                           ("c-edits-eval", edits_eval), ("coh-readers", coherence),
-                          ("coh-train", coherence_train)):  # fmt: skip
+                          ("coh-train", coherence_train),
+                          ("c-unlabelled", unlabelled)):  # fmt: skip
         with (out / f"{name}.jsonl").open("w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")

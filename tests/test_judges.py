@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from persona_align.data import read_dialogues
@@ -16,14 +17,18 @@ from persona_align.generation.fake_server import FakeOpenAIServer
 from persona_align.metrics import make_metric
 from persona_align.metrics.base import ScoreItem
 from persona_align.metrics.judges import (
+    C_LABELS,
     agreement,
+    c_item_pair,
+    c_label_index,
     c_pair,
     c_value,
     cohen_kappa,
+    read_judge_items,
 )
 from persona_align.metrics.llm_judge import LLMJudge, parse_label
 from persona_align.prompting import persobench_prompt
-from persona_align.records import Candidate, Dialogue, JudgeItem, Turn
+from persona_align.records import Candidate, Dialogue, JudgeInput, JudgeItem, Turn, read_jsonl
 
 C_IDS = {0: "entailment", 1: "neutral", 2: "contradiction"}
 
@@ -466,3 +471,60 @@ def test_train_judge_command_continues_only_from_adapter_folders(tmp_path: Path,
               "--init", tmp_path)  # fmt: skip
     assert ran.code == 2 and "no adapter_config.json" in ran.err
     assert not (tmp_path / "judge").exists()
+
+
+# --- distillation ----------------------------------------------------------------------------
+
+
+def test_targets_replace_labels_in_training(tmp_path: Path, tiny_encoder: Path) -> None:
+    """Trained towards target distributions that contradict the labels, the model follows the
+    targets: the loss reads them, not the labels."""
+    from persona_align.metrics.nli import PairClassifier
+    from persona_align.training.cross_encoder import FitSettings, fit_pair_classifier, save_adapter
+
+    pairs = [("I love cats.", f"reply {i}") for i in range(8)]
+    settings = FitSettings(base=str(tiny_encoder), epochs=20, batch_size=8, lr=5e-2,
+                           max_length=32)  # fmt: skip
+    model, _, config, _, _ = fit_pair_classifier(
+        pairs, [0] * 8, C_LABELS, settings, targets=[[0.0, 0.0, 1.0]] * 8
+    )
+    save_adapter(tmp_path / "judge", model, config)
+    judge = PairClassifier(str(tmp_path / "judge"))
+    assert (judge.probabilities(pairs)[:, 2] > 0.6).all()
+
+
+def test_a_distilled_judge_learns_the_teachers_distribution(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    from persona_align.metrics.nli import PairClassifier
+    from persona_align.training import judge as training
+    from persona_align.training.cross_encoder import FitSettings
+
+    rows = [row(f"reply {i}", (-1, 0, 1)[i % 3]) for i in range(6)]
+    data = write_items(tmp_path / "train.jsonl", rows)
+    extra = write_items(tmp_path / "extra.jsonl", [
+        {k: v for k, v in row(f"unread {i}", 0).items() if k != "label"} for i in range(4)
+    ])  # fmt: skip
+    common = {"base": str(tiny_encoder), "max_steps": 1, "batch_size": 4, "max_length": 64}
+    training.train_judge("c", tmp_path / "teacher", train=[data], settings=FitSettings(**common))
+    teacher = PairClassifier(str(tmp_path / "teacher"))
+    items = read_judge_items(data)
+    pairs = [c_item_pair(i) for i in items]
+    extra_pairs = [c_item_pair(i) for i in read_jsonl(extra, JudgeInput)]
+    seen = teacher.probabilities(pairs + extra_pairs)
+    labels = [c_label_index(i.label) for i in items]
+    targets = training._teacher_targets(str(tmp_path / "teacher"), pairs + extra_pairs,
+                                        labels, None)  # fmt: skip
+    onehot = np.eye(3)[labels]
+    np.testing.assert_allclose(targets[:6], 0.5 * seen[:6] + 0.5 * onehot, atol=1e-6)
+    np.testing.assert_allclose(targets[6:], seen[6:], atol=1e-6)
+    result = training.train_judge(
+        "c", tmp_path / "student", train=[data], teacher=str(tmp_path / "teacher"),
+        unlabelled=[extra], settings=FitSettings(**common, layers=1),
+    )  # fmt: skip
+    assert result.sources["unlabelled (teacher)"] == 4
+    assert result.settings["teacher"] == str(tmp_path / "teacher")
+    with pytest.raises(InputError, match="only used with a teacher"):
+        training.train_judge("c", tmp_path / "x", train=[data], unlabelled=[extra])
+    with pytest.raises(InputError, match="for the c judge only"):
+        training.train_judge("coh", tmp_path / "x", teacher=str(tmp_path / "teacher"))

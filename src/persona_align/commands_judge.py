@@ -180,6 +180,14 @@ def train_judge_command(
         int | None,
         typer.Option(help="C: keep only the encoder's first N layers (a faster judge)."),
     ] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="C: a judge to distil: its label distributions are learnt too."),
+    ] = None,
+    unlabelled: Annotated[
+        list[Path] | None,
+        typer.Option(help="C with --teacher: JSONL replies without labels; repeatable."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Train a judge (LoRA over the embedded MiniLM) and report it on the --dev files."""
@@ -201,6 +209,8 @@ def train_judge_command(
         dnli=read_nli(dnli, "dnli") if dnli else [],
         settings=settings,
         labelled_weight=labelled_weight,
+        teacher=teacher,
+        unlabelled=unlabelled or [],
         progress=None if as_json else console,
     )
     if not as_json:

@@ -150,14 +150,11 @@ class SFTExample(_Record):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
-class JudgeItem(BaseModel):
-    """A reply labelled by a careful reader: the format of the persona-consistency dev set.
-
-    ``label`` is 1 (uses the persona consistently), 0 (neutral) or -1 (contradicts it) for
-    the C judge, 1 (coherent) or 0 for the coherence judge. ``persona`` is the sentences glued
-    together as the datasets write them, or a list; ``context`` is ``User1: ...`` lines. Other
-    keys (ids, provenance, notes) are kept but not checked.
-    """
+class JudgeInput(BaseModel):
+    """What a judge reads: a reply with its persona and context (unlabelled replies, e.g. for
+    distillation). ``persona`` is the sentences glued together as the datasets write them, or a
+    list; ``context`` is ``User1: ...`` lines. Other keys (ids, provenance, notes) are kept but
+    not checked."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -165,6 +162,15 @@ class JudgeItem(BaseModel):
     persona_role: PersonaRole = "user"
     context: str
     reply: Text
+
+
+class JudgeItem(JudgeInput):
+    """A reply labelled by a careful reader: the format of the persona-consistency dev set.
+
+    ``label`` is 1 (uses the persona consistently), 0 (neutral) or -1 (contradicts it) for
+    the C judge, 1 (coherent) or 0 for the coherence judge.
+    """
+
     label: Literal[-1, 0, 1]
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from persona_align.data.persobench import parse_context
 from persona_align.data.text import split_sentences
 from persona_align.errors import InputError
-from persona_align.records import JudgeItem, Turn
+from persona_align.records import JudgeInput, JudgeItem, Turn
 
 # Whose persona it is, said in words the encoder can read (the role changes what "uses the
 # persona" looks like: "since you love history" vs "I love history").
@@ -59,11 +59,11 @@ def read_judge_items(path: str | Path) -> list[JudgeItem]:
     return items
 
 
-def item_context(item: JudgeItem) -> list[Turn]:
+def item_context(item: JudgeInput) -> list[Turn]:
     return parse_context(item.context) if item.context.strip() else []
 
 
-def c_item_pair(item: JudgeItem) -> tuple[str, str]:
+def c_item_pair(item: JudgeInput) -> tuple[str, str]:
     """The text pair the C judge sees for a labelled item."""
     return c_pair(item.persona, item.persona_role, item_context(item), item.reply)
 

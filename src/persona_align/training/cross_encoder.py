@@ -121,6 +121,7 @@ def fit_pair_classifier(
     settings: FitSettings,
     *,
     weights: Sequence[float] | None = None,
+    targets: Sequence[Sequence[float]] | None = None,
     progress: Any = None,
     what: str = "training",
 ) -> tuple[Any, Any, Any, list[float], float]:
@@ -128,7 +129,8 @@ def fit_pair_classifier(
     every step, seconds).
 
     Deterministic for a seed (and a thread count). ``weights`` scales each example's loss
-    (class balance). ``max_steps`` stops early (smoke tests).
+    (class balance). ``targets``: a label distribution per example (a teacher's, for
+    distillation) trained towards instead of ``labels``. ``max_steps`` stops early.
     """
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -193,6 +195,9 @@ def fit_pair_classifier(
             zip(labels, weights if weights is not None else [1.0] * len(pairs), strict=True)
         )
     ]
+    if targets is not None:
+        for row, target in zip(rows, targets, strict=True):
+            row["targets"] = list(target)
     batches = _PlannedBatches([len(ids) for ids in encoded["input_ids"]], settings)
     steps = settings.epochs * len(batches)
     if settings.max_steps is not None:

@@ -14,6 +14,7 @@ import random
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,12 +40,13 @@ from persona_align.metrics.judges import (
     read_judge_items,
 )
 from persona_align.metrics.nli import PairClassifier
-from persona_align.records import Dialogue, JudgeItem, Turn
+from persona_align.records import Dialogue, JudgeInput, JudgeItem, Turn, read_jsonl
 from persona_align.training.cross_encoder import (
     FitSettings,
     check_output,
     fit_pair_classifier,
     loss_curve,
+    progress_bar,
     save_adapter_files,
 )
 
@@ -186,6 +188,8 @@ def train_judge(
     settings: FitSettings | None = None,
     balance: bool = True,
     labelled_weight: float = 1.0,
+    teacher: str | None = None,
+    unlabelled: Sequence[str | Path] = (),
     progress: Any = None,
 ) -> JudgeTrainResult:
     """Train a judge and write it (weights + ``judge.json`` + ``training.json``) to ``out_dir``.
@@ -195,6 +199,9 @@ def train_judge(
     ``dev`` files are evaluated after training and reported, never trained on.
     ``labelled_weight``: what one read-and-labelled item counts against one DNLI pair or
     pseudo-labelled coherence example (there are far fewer of them, and they are the target).
+    ``teacher`` (C): a judge whose label distributions the new one learns (distillation: a
+    smaller, faster judge of the same quality) — half its distribution, half the label for
+    labelled items; its distribution alone for DNLI pairs and the ``unlabelled`` replies.
     """
     if task not in TASKS:
         raise InputError(None, f"judge task must be one of {', '.join(TASKS)}, got {task!r}")
@@ -204,7 +211,16 @@ def train_judge(
     out = Path(out_dir)
     check_output(out)
     items: list[JudgeItem] = [item for path in train for item in read_judge_items(path)]
-    fit = _fit_c if task == "c" else _fit_coherence
+    if task == "c":
+        extra = [i for path in unlabelled for i in read_jsonl(path, JudgeInput)]
+        teach = _Teaching(teacher, extra) if teacher is not None else None
+        if extra and teach is None:
+            raise InputError(None, "unlabelled replies are only used with a teacher")
+        fit: Callable[..., tuple[JudgeTrainResult, Writer]] = partial(_fit_c, teach=teach)
+    elif teacher is not None or unlabelled:
+        raise InputError(None, "a teacher (distillation) is for the c judge only")
+    else:
+        fit = _fit_coherence
     result, write = fit(items, dialogues, dnli, settings, balance, labelled_weight, progress)
 
     def finish(tmp: Path) -> None:
@@ -223,6 +239,14 @@ def train_judge(
 Writer = Callable[[Path], None]
 
 
+@dataclass
+class _Teaching:
+    """Distillation: the teacher judge and the unlabelled replies it labels."""
+
+    teacher: str
+    unlabelled: list[JudgeInput]
+
+
 def _fit_c(
     items: Sequence[JudgeItem],
     dialogues: Sequence[Dialogue],
@@ -231,6 +255,7 @@ def _fit_c(
     balance: bool,
     labelled_weight: float,
     progress: Any,
+    teach: _Teaching | None = None,
 ) -> tuple[JudgeTrainResult, Writer]:
     pairs = [c_item_pair(i) for i in items]
     labels = [c_label_index(i.label) for i in items]
@@ -240,6 +265,12 @@ def _fit_c(
         pairs += [p for p, _ in extra]
         labels += [label for _, label in extra]
         sources["dnli"] = len(extra)
+    targets = None
+    if teach is not None:
+        pairs += [c_item_pair(i) for i in teach.unlabelled]
+        targets = _teacher_targets(teach.teacher, pairs, labels, progress)
+        labels += [int(row.argmax()) for row in targets[len(labels) :]]
+        sources["unlabelled (teacher)"] = len(teach.unlabelled)
     if not pairs:
         raise InputError(None, "no training examples: give --train files (or --dnli)")
     share = [labelled_weight] * len(items) + [1.0] * (len(pairs) - len(items))
@@ -248,6 +279,7 @@ def _fit_c(
         pairs, labels, C_LABELS, settings,
         weights=[w * k for w, k in zip(weights, share, strict=True)]
         if balance or labelled_weight != 1.0 else None,
+        targets=None if targets is None else targets.tolist(),
         progress=progress, what="training the c judge",
     )  # fmt: skip
     result = JudgeTrainResult(
@@ -255,6 +287,8 @@ def _fit_c(
         settings.as_dict() | {"balance": balance, "labelled_weight": labelled_weight}, sources,
         {C_LABELS[k]: v for k, v in sorted(Counter(labels).items())}, loss_curve(losses),
     )  # fmt: skip
+    if teach is not None:
+        result.settings["teacher"] = teach.teacher
     spec = {"task": "c", "max_length": settings.max_length, "format": 1}
 
     def write(tmp: Path) -> None:
@@ -262,6 +296,24 @@ def _fit_c(
         (tmp / "judge.json").write_text(json.dumps(spec, indent=2) + "\n")
 
     return result, write
+
+
+def _teacher_targets(
+    teacher: str, pairs: Sequence[tuple[str, str]], labels: Sequence[int], progress: Any
+) -> Any:
+    """Per pair, the distribution to learn: the teacher's, averaged half and half with the
+    known label for the first ``len(labels)`` pairs (read items, then DNLI pairs)."""
+    import numpy as np
+
+    judge = PairClassifier(teacher)
+    judge.load()
+    if judge.spec.get("task") != "c":
+        raise InputError(teacher, "is not a c judge (its judge.json does not say task c)")
+    with progress_bar(progress, "teacher labels", len(pairs)) as advance:
+        found = judge.probabilities(pairs, advance)
+    hard = np.eye(len(C_LABELS), dtype=np.float32)[list(labels)]
+    found[: len(labels)] = 0.5 * found[: len(labels)] + 0.5 * hard
+    return found
 
 
 def _fit_coherence(

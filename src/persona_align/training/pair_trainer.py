@@ -15,16 +15,20 @@ from transformers import Trainer, TrainerCallback
 
 
 class PairCollator:
-    """Pads the encoded pairs; labels and per-example loss weights ride along as tensors."""
+    """Pads the encoded pairs; labels (or target distributions) and per-example loss weights
+    ride along as tensors."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        texts = [{k: v for k, v in row.items() if k not in ("labels", "weight")} for row in rows]
+        extra = ("labels", "weight", "targets")
+        texts = [{k: v for k, v in row.items() if k not in extra} for row in rows]
         batch = dict(self.tokenizer.pad(texts, return_tensors="pt"))
         batch["labels"] = torch.tensor([row["labels"] for row in rows])
         batch["weight"] = torch.tensor([float(row["weight"]) for row in rows])
+        if "targets" in rows[0]:
+            batch["targets"] = torch.tensor([row["targets"] for row in rows], dtype=torch.float32)
         return batch
 
 
@@ -46,9 +50,11 @@ class PairTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, **kwargs: Any
     ) -> Any:
         weights, labels = inputs.pop("weight"), inputs.pop("labels")
+        targets = inputs.pop("targets", None)
         outputs = model(**inputs)
+        # cross-entropy against the hard label, or against a target distribution
         per_row = torch.nn.functional.cross_entropy(
-            outputs.logits.float(), labels, reduction="none"
+            outputs.logits.float(), labels if targets is None else targets, reduction="none"
         )
         loss = (per_row * weights).sum() / weights.sum()
         return (loss, outputs) if return_outputs else loss

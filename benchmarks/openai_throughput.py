@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 from persona_align.generation.base import GenerationParams, Request, Result
-from persona_align.generation.fake_server import FakeOpenAIServer, expected_content
 from persona_align.generation.openai_responder import OpenAIResponder
 from persona_align.prompting import messages_hash, persobench_messages
 from persona_align.records import Dialogue
+from persona_align.testing.fake_server import FakeOpenAIServer, expected_content
 
 
 def _requests(n: int) -> list[Request]:

@@ -17,7 +17,6 @@ import yaml
 
 from persona_align.cli import sample_path
 from persona_align.data import read_dialogues
-from persona_align.generation.fake_server import FakeOpenAIServer
 from persona_align.records import (
     Candidate,
     Dialogue,
@@ -27,6 +26,7 @@ from persona_align.records import (
     SFTExample,
     write_records,
 )
+from persona_align.testing.fake_server import FakeOpenAIServer
 
 
 @dataclass

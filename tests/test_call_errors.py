@@ -14,10 +14,10 @@ import yaml
 
 from persona_align.cli import sample_path
 from persona_align.data import read_dialogues
-from persona_align.generation.fake_server import FakeOpenAIServer, content_hash
 from persona_align.preference import PairingConfig, build_pairs
 from persona_align.prompting import persobench_messages
 from persona_align.records import Candidate, Dialogue, ScoredCandidate, read_records, write_records
+from persona_align.testing.fake_server import FakeOpenAIServer, content_hash
 
 
 @pytest.fixture

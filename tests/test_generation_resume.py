@@ -9,9 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from persona_align.generation.fake_server import FakeOpenAIServer, expected_content
 from persona_align.prompting import persobench_prompt
 from persona_align.records import Candidate, Dialogue, read_records
+from persona_align.testing.fake_server import FakeOpenAIServer, expected_content
 
 N = 60
 

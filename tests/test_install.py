@@ -118,3 +118,17 @@ def test_commands_run_from_the_installed_copy(installed: Path, tmp_path: Path) -
         assert ran.returncode == 0, ran.stderr
         summary = json.loads(ran.stdout.strip().splitlines()[-1])
         assert summary["items"] == 3
+
+
+def test_the_command_line_does_not_import_the_test_helpers() -> None:
+    """``persona_align.testing`` (the fake OpenAI server) serves tests and benchmarks only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from persona_align.cli import main; "
+        "main(['generate', '--help']); main(['score', '--help']); "
+        "print(sorted(m for m in sys.modules if m.startswith('persona_align.testing')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -13,7 +13,6 @@ import pytest
 
 from persona_align.data import read_dialogues
 from persona_align.errors import InputError
-from persona_align.generation.fake_server import FakeOpenAIServer
 from persona_align.metrics import make_metric
 from persona_align.metrics.base import ScoreItem
 from persona_align.metrics.judges import (
@@ -29,6 +28,7 @@ from persona_align.metrics.judges import (
 from persona_align.metrics.llm_judge import LLMJudge, parse_label
 from persona_align.prompting import persobench_prompt
 from persona_align.records import Candidate, Dialogue, JudgeInput, JudgeItem, Turn, read_jsonl
+from persona_align.testing.fake_server import FakeOpenAIServer
 
 C_IDS = {0: "entailment", 1: "neutral", 2: "contradiction"}
 

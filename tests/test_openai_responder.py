@@ -17,15 +17,15 @@ import pytest
 from persona_align.cli import sample_path
 from persona_align.errors import InputError, redact_url
 from persona_align.generation.base import GenerationParams, Request, Result, make_responder
-from persona_align.generation.fake_server import (
+from persona_align.generation.openai_responder import OpenAIResponder
+from persona_align.prompting import messages_hash, persobench_messages
+from persona_align.records import Dialogue
+from persona_align.testing.fake_server import (
     FAULT_KINDS,
     FakeOpenAIServer,
     content_hash,
     expected_content,
 )
-from persona_align.generation.openai_responder import OpenAIResponder
-from persona_align.prompting import messages_hash, persobench_messages
-from persona_align.records import Dialogue
 
 KEY_ENV = "PERSONA_ALIGN_TEST_KEY"
 SECRET = "sk-test-SECRET-1234"

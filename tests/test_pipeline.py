@@ -235,7 +235,7 @@ def test_a_bad_row_leaves_no_stage_folder(cli, isolated: Path, tiny_llama_dir: P
 def test_manifests_keep_no_credentials(cli, isolated: Path, tiny_llama_dir: Path) -> None:
     """A base URL with a key in it drives the run, but the manifest written to disk shows it
     redacted (configs are meant to be shared; manifests sit beside the outputs)."""
-    from persona_align.generation.fake_server import FakeOpenAIServer
+    from persona_align.testing.fake_server import FakeOpenAIServer
 
     with FakeOpenAIServer() as server:
         url = server.base_url.replace("http://", "http://sk-user-SECRET:pw-SECRET@")

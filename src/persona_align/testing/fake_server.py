@@ -5,8 +5,8 @@ server errors, hangs, garbage bodies, dropped connections) are drawn per attempt
 (seed, prompt, attempt number), so a run is reproducible whatever order concurrent requests
 arrive in, and a retried request draws again.
 
-The server runs on one background event loop (``persona_align.httpd``): benchmarks run it in
-the client's process, where a thread per connection would fight the client's loop for the GIL.
+The server runs on one background event loop (``testing.httpd``): benchmarks run it in the
+client's process, where a thread per connection would fight the client's loop for the GIL.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
-from persona_align.httpd import BackgroundServer, parse_head
+from persona_align.testing.httpd import BackgroundServer, parse_head
 
 FAULT_KINDS = ("429", "500", "slow", "malformed", "drop")
 MODEL_ID = "fake-model"

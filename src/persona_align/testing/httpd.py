@@ -1,6 +1,6 @@
 """A tiny HTTP/1.1 server base: asyncio streams on one background thread (standard library).
 
-The base of ``generation.fake_server`` (the test OpenAI server with fault injection, whose
+The base of ``testing.fake_server`` (the test OpenAI server with fault injection, whose
 faults — garbage bodies, dropped connections, hangs — need a server that writes its own
 bytes; ``persona-align serve`` runs on FastAPI/uvicorn). It runs inside a process that has its
 own work to do (a benchmark's client loop): one event-loop thread costs less than a thread per

@@ -33,7 +33,6 @@ from typing import Any
 
 from rich.console import Console
 
-from persona_align.commands_methods import pal_pipeline, sbs_pipeline
 from persona_align.config import (
     DecodeSection,
     PALConfig,
@@ -46,6 +45,7 @@ from persona_align.data import read_dialogues
 from persona_align.generation import GenerationCache, GenerationParams, make_responder
 from persona_align.generation.runner import run_responder
 from persona_align.inference.select_generate import RESPONDER_NAME, Selection
+from persona_align.methods import pal_pipeline, sbs_pipeline
 from persona_align.metrics import make_metric
 from persona_align.metrics.aggregate import paired_test, summarize
 from persona_align.metrics.scorer import ScoreCache, prepare_metrics, score_stream

@@ -189,3 +189,26 @@ def read_only_dir(tmp_path: Path):
             flag("-")
         else:
             folder.chmod(0o755)
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path):
+    """``pairs_file(weights)``: a DPO pairs file of len(weights) tiny pairs (chosen uses the
+    persona, rejected is bare) in the test's folder."""
+
+    def write(weights: list[float]) -> Path:
+        return _write_pairs(tmp_path / "pairs.jsonl", weights)
+
+    return write
+
+
+def _write_pairs(path: Path, weights: list[float]) -> Path:
+    rows = [
+        {"dialogue_id": f"d{i}", "prompt": [{"role": "user", "content": f"Hi {i}"}],
+         "chosen": [{"role": "assistant", "content": "I love cats."}],
+         "rejected": [{"role": "assistant", "content": "No."}], "weight": weight,
+         "score_chosen": 1.0, "score_rejected": 0.0, "rule": "test"}
+        for i, weight in enumerate(weights)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path

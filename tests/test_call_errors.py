@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from persona_align.cli import sample_path
+from persona_align.cli.run_config import sample_path
 from persona_align.data import read_dialogues
 from persona_align.preference import PairingConfig, build_pairs
 from persona_align.prompting import persobench_messages

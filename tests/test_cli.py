@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from persona_align.cli import sample_path
+from persona_align.cli.run_config import sample_path
 from persona_align.data import read_dialogues
 
 

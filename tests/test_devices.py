@@ -8,7 +8,6 @@ goes through it (at run time for each kind of model, and by reading the source f
 from __future__ import annotations
 
 import ast
-import json
 from pathlib import Path
 
 import pytest
@@ -167,20 +166,12 @@ def test_each_kind_of_model_is_placed_by_the_policy(
 
 
 def test_a_training_run_records_its_device_and_effective_batch(
-    tmp_path: Path, tiny_llama_dir: Path
+    tmp_path: Path, tiny_llama_dir: Path, pairs_file
 ) -> None:
     from persona_align.config import TrainConfig
     from persona_align.training.dpo import train_dpo
 
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [
-        {"dialogue_id": f"d{i}", "prompt": [{"role": "user", "content": f"Hi {i}"}],
-         "chosen": [{"role": "assistant", "content": "I love cats."}],
-         "rejected": [{"role": "assistant", "content": "No."}], "weight": 1.0,
-         "score_chosen": 1.0, "score_rejected": 0.0, "rule": "test"}
-        for i in range(4)
-    ]  # fmt: skip
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = pairs_file([1.0] * 4)
     devices.configure("cpu", explicit=True)
     summary = train_dpo(
         TrainConfig(

@@ -121,21 +121,11 @@ def test_every_kind_of_model_loads_on_cuda(tiny_llama_dir: Path) -> None:
         assert {p.device.type for p in loaded.parameters()} == {"cuda"}
 
 
-def test_a_weighted_dpo_step_on_cuda(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    import json
-
+def test_a_weighted_dpo_step_on_cuda(tmp_path: Path, tiny_llama_dir: Path, pairs_file) -> None:
     from persona_align.config import TrainConfig
     from persona_align.training.dpo import train_dpo
 
-    pairs = tmp_path / "pairs.jsonl"
-    rows = [
-        {"dialogue_id": f"d{i}", "prompt": [{"role": "user", "content": f"Hi {i}"}],
-         "chosen": [{"role": "assistant", "content": "I love cats."}],
-         "rejected": [{"role": "assistant", "content": "No."}], "weight": 0.5 + i,
-         "score_chosen": 1.0, "score_rejected": 0.0, "rule": "test"}
-        for i in range(4)
-    ]  # fmt: skip
-    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = pairs_file([0.5 + i for i in range(4)])
     summary = train_dpo(
         TrainConfig(
             model=str(tiny_llama_dir), data=pairs, output_dir=tmp_path / "run", max_steps=2,

@@ -481,7 +481,7 @@ def test_nli_commands(tmp_path: Path, tiny_nli: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from persona_align.commands_nli import nli_app, train_nli_command
+    from persona_align.cli.nli import nli_app, train_nli_command
 
     runner = CliRunner()
     data = nli_data_dir(tmp_path / "data")

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from persona_align.cli import sample_path
+from persona_align.cli.run_config import sample_path
 from persona_align.errors import InputError, redact_url
 from persona_align.generation.base import GenerationParams, Request, Result, make_responder
 from persona_align.generation.openai_responder import OpenAIResponder
@@ -349,7 +349,7 @@ def test_replicas_share_the_requests_and_cover_for_a_failing_one() -> None:
 
 
 def test_cli_spec_lists_replicas() -> None:
-    from persona_align.cli import parse_responder_spec
+    from persona_align.cli.generate import parse_responder_spec
 
     defaults = {"api_key_env": "K", "concurrency": 2, "timeout": 5.0}
     _, options = parse_responder_spec("openai:m@http://a:1/v1,http://b:2/v1", **defaults)

@@ -318,7 +318,7 @@ def test_already_extracted_replies_read_as_json_get_a_one_line_warning(cli, two_
 
 
 def test_default_metric_list_matches_the_cli() -> None:
-    from persona_align.commands_report import DEFAULT_METRICS as CLI_DEFAULT
+    from persona_align.cli.report import DEFAULT_METRICS as CLI_DEFAULT
 
     assert CLI_DEFAULT.split(",") == list(DEFAULT_METRICS)
 

@@ -1,26 +1,23 @@
 """``persona-align nli eval`` and ``persona-align train nli``: the NLI model behind C and UE.
 
-Mounted by ``cli.py``: ``nli_app`` as the ``nli`` group, ``train_nli_command`` as ``train nli``.
+Registered by ``cli/app.py``: ``nli_app`` as the ``nli`` group, ``train_nli_command`` as
+``train nli``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from persona_align.cli.output import JsonFlag, console, emit
 from persona_align.data.nli import FORMATS, LABELS, read_nli
 from persona_align.errors import InputError
 from persona_align.metrics.base import Unavailable
 from persona_align.metrics.nli import EMBEDDED_NLI, NLI_DTYPES, NLIModel, evaluate_nli
-
-console = Console()
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
 
 nli_app = typer.Typer(no_args_is_help=True)
 
@@ -29,11 +26,6 @@ nli_app = typer.Typer(no_args_is_help=True)
 def nli_group() -> None:
     """The NLI model behind the C and UE metrics: check its accuracy on labelled pairs."""
     # A callback keeps `nli` a group even with one command, so `nli eval` stays `nli eval`.
-
-
-def _emit(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
 
 
 def confusion_table(title: str, confusion: list[list[int]]) -> Table:
@@ -87,7 +79,7 @@ def nli_eval(
         console.print(f"{data}: {result.pairs} pairs, accuracy {result.accuracy:.4f} ({model})")
         console.print(confusion_table(f"{model} on {data.name}", result.confusion))
     summary = {"command": "nli eval", "data": str(data), "model": model, "dtype": dtype}
-    _emit(summary | result.as_dict() | {"seconds": round(seconds, 2)}, as_json)
+    emit(summary | result.as_dict() | {"seconds": round(seconds, 2)}, as_json)
 
 
 def train_nli_command(
@@ -147,4 +139,4 @@ def train_nli_command(
     summary = {"command": "train nli", "output": str(output), "base": base,
                "train_pairs": result.train_pairs, "valid_pairs": result.valid_pairs,
                "steps": result.steps, "seconds": result.seconds, "valid": result.valid}  # fmt: skip
-    _emit(summary, as_json)
+    emit(summary, as_json)

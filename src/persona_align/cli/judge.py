@@ -1,6 +1,6 @@
 """``persona-align judge eval`` and ``persona-align train judge``: our C and coherence judges.
 
-Mounted by ``cli.py``: ``judge_app`` as the ``judge`` group, ``train_judge_command`` as
+Registered by ``cli/app.py``: ``judge_app`` as the ``judge`` group, ``train_judge_command`` as
 ``train judge``.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from persona_align.cli.output import JsonFlag, console, emit
 from persona_align.errors import InputError
 from persona_align.metrics.base import Unavailable
 from persona_align.metrics.coherence import judge_folder
@@ -22,8 +22,6 @@ from persona_align.metrics.coherence_judge import CoherenceJudge
 from persona_align.metrics.judges import JudgeEvaluation, evaluate_judge, read_judge_items
 from persona_align.metrics.nli import PairClassifier
 
-console = Console()
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
 DEFAULT_JUDGES = {"c": "embedded-c-judge", "coh": "embedded-coh-judge"}
 NAMES = {1: "uses (1)", 0: "neutral (0)", -1: "contradicts (-1)"}
 
@@ -135,7 +133,7 @@ def judge_eval(
     if as_json:
         summary = {"command": "judge eval", "data": str(data), "task": task, "judge": name}
         summary |= result.as_dict() | {"by_role": by_role, "seconds": round(seconds, 2)}
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
+        emit(summary, True)
 
 
 def train_judge_command(
@@ -223,4 +221,4 @@ def train_judge_command(
         summary = {"command": "train judge", "task": task, "output": str(output),
                    "examples": result.examples, "steps": result.steps,
                    "seconds": result.seconds, "dev": result.dev}  # fmt: skip
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
+        emit(summary, True)

@@ -1,24 +1,22 @@
 """``persona-align train dpo|sft``: alignment trainers driven by a config's ``train`` section.
 
-Mounted by ``cli.py`` as commands of the ``train`` group. Every setting lives in the YAML
-``train:`` section (see ``config.TrainConfig``); a few options override it for quick runs.
+Every setting lives in the YAML ``train:`` section (see ``config.TrainConfig``); a few options
+override it for quick runs.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 
+from persona_align.cli.output import JsonFlag, ResumeFlag, emit, err_console, num
 from persona_align.config import TrainConfig, load_config
 from persona_align.errors import InputError
 
-console = Console(stderr=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
+console = err_console
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML config with a `train:` section.")
 ]
@@ -30,9 +28,6 @@ ModelOption = Annotated[
     str | None, typer.Option("--model", help="Override train.model: embedded, a folder, a hub id.")
 ]
 StepsOption = Annotated[int | None, typer.Option("--max-steps", help="Override train.max_steps.")]
-ResumeFlag = Annotated[
-    bool, typer.Option("--resume", help="Continue from the run folder's last checkpoint.")
-]
 
 
 def train_config(
@@ -74,10 +69,6 @@ def train_config(
     return result
 
 
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def _report(summary: dict[str, Any], as_json: bool) -> None:
     if not summary.get("main_process", True):  # other ranks of a multi-process run stay quiet
         return
@@ -94,11 +85,10 @@ def _report(summary: dict[str, Any], as_json: bool) -> None:
         )
     console.print(
         f"trained {summary['steps']} steps in {summary['seconds']} s; loss "
-        f"{_num(summary['first_loss'])} → {_num(summary['last_loss'])}; "
+        f"{num(summary['first_loss'])} → {num(summary['last_loss'])}; "
         f"model in {summary['model_dir']}"
     )
-    if as_json:
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
+    emit(summary, as_json)
 
 
 def train_dpo_command(

@@ -1,28 +1,23 @@
-"""``persona-align train pal|sbs``: the PAL and SBS methods end to end, evaluation included.
+"""PAL and SBS end to end: their training stages, then, when the section has ``evaluate:``,
+the trained model's replies to held-out dialogues, written next to the run
+(``eval/candidates.jsonl``) for ``persona-align score``/``bench``.
 
-Mounted by ``cli.py`` as commands of the ``train`` group. Every setting lives in the YAML
-``pal:`` or ``sbs:`` section (see ``config.PALConfig``/``config.SBSSection`` and
-``configs/pal.yaml``/``configs/sbs.yaml``). ``pal_pipeline``/``sbs_pipeline`` are what the
-commands run: the training stages (``training.pal``/``training.sbs``), then, when the section
-has ``evaluate:``, the trained model's replies to held-out dialogues, written next to the run
-(``eval/candidates.jsonl``) for ``persona-align score``/``bench``. Evaluation lives here, not in
-``training``, because it uses the inference package (Select-then-Generate), a later stage.
+Every setting lives in the YAML ``pal:`` or ``sbs:`` section (``config.PALConfig``,
+``config.SBSSection``; ``configs/pal.yaml``, ``configs/sbs.yaml``). ``pal_pipeline`` and
+``sbs_pipeline`` are what ``persona-align train pal|sbs`` and ``run`` call. Evaluation lives
+here, not in ``training``, because it uses the inference package (Select-then-Generate), a
+later stage.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from persona_align.commands_train import JsonFlag, ResumeFlag
-from persona_align.config import PALConfig, SBSSection, load_config
-from persona_align.errors import InputError
+from persona_align.config import PALConfig, SBSSection
 from persona_align.files import require_file
 from persona_align.generation.base import GenerationParams
 from persona_align.records import Candidate, Dialogue, write_records
@@ -37,10 +32,6 @@ from persona_align.training.pal import (
 )
 from persona_align.training.sbs import train_sbs
 
-console = Console(stderr=True)
-ConfigRequired = Annotated[
-    Path, typer.Option("--config", "-c", help="YAML config with the method's section.")
-]
 EVAL_STAGE = "evaluate"
 
 
@@ -184,10 +175,17 @@ def evaluate_sbs(config: SBSSection, console: Console | None = None) -> tuple[di
     return ledger.run(EVAL_STAGE, [target], work), bool(ledger.ran)
 
 
-def _with_evaluation(
-    summary: dict[str, Any], evaluation: tuple[dict[str, Any], bool]
+def _train_then_evaluate(
+    config: Any, train: Any, evaluate: Any, resume: bool, console: Console | None
 ) -> dict[str, Any]:
-    result, ran = evaluation
+    """The method's training stages, then, when configured, its evaluation (recorded in the
+    run's summary as one more stage, run or skipped)."""
+    if config.evaluate is not None:  # a typo here fails now, not after the training
+        require_file(config.evaluate.dialogues)
+    summary = train(config, resume, console)
+    if config.evaluate is None:
+        return summary
+    result, ran = evaluate(config, console)
     summary[EVAL_STAGE] = result
     (summary["ran"] if ran else summary["skipped"]).append(EVAL_STAGE)
     write_summary(Path(summary["output_dir"]), summary)
@@ -198,124 +196,11 @@ def pal_pipeline(
     config: PALConfig, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """PAL training (``training.pal.train_pal``) and, when configured, its evaluation."""
-    if config.evaluate is not None:  # a typo here fails now, not after the training
-        require_file(config.evaluate.dialogues)
-    summary = train_pal(config, resume, console)
-    if config.evaluate is None:
-        return summary
-    return _with_evaluation(summary, evaluate_pal(config, console))
+    return _train_then_evaluate(config, train_pal, evaluate_pal, resume, console)
 
 
 def sbs_pipeline(
     config: SBSSection, resume: bool = False, console: Console | None = None
 ) -> dict[str, Any]:
     """SBS training (``training.sbs.train_sbs``) and, when configured, its evaluation."""
-    if config.evaluate is not None:  # a typo here fails now, not after the training
-        require_file(config.evaluate.dialogues)
-    summary = train_sbs(config, resume, console)
-    if config.evaluate is None:
-        return summary
-    return _with_evaluation(summary, evaluate_sbs(config, console))
-
-
-def _section(config: Path, name: str) -> Any:
-    section = getattr(load_config(config), name)
-    if section is None:
-        raise InputError(config, f"has no `{name}:` section", field=name)
-    return section
-
-
-def _table(title: str, rows: list[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows:
-        if isinstance(value, dict):  # counts; the stage's seconds are in the JSON summary
-            value = ", ".join(f"{k}: {v}" for k, v in value.items() if k != "seconds") or "-"
-        table.add_row(key, str(value))
-    return table
-
-
-def _num(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _selection(accuracy: dict[str, Any]) -> str:
-    """Pass 1's accuracy next to the majority-class baselines it has to beat."""
-    return (
-        f"{_num(accuracy['exact_accuracy'])} (always none: "
-        f"{_num(accuracy['always_none_exact_accuracy'])}); none vs some "
-        f"{_num(accuracy['none_vs_some_accuracy'])} (always {accuracy['majority_class']}: "
-        f"{_num(accuracy['majority_none_vs_some_accuracy'])})"
-    )
-
-
-def _loss(stage: dict[str, Any]) -> str:
-    return (
-        f"{stage.get('steps')} steps, loss {_num(stage.get('first_loss'))} → "
-        f"{_num(stage.get('last_loss'))}"
-    )
-
-
-def _report(summary: dict[str, Any], rows: list[tuple[str, Any]], as_json: bool) -> None:
-    rows += [
-        ("stages run", ", ".join(summary["ran"]) or "-"),
-        ("stages skipped", ", ".join(summary["skipped"]) or "-"),
-        ("model", summary["model_dir"]),
-    ]
-    console.print(_table(f"{summary['method']} run in {summary['output_dir']}", rows))
-    if as_json:
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True))
-
-
-def train_pal_command(
-    config: ConfigRequired, resume: ResumeFlag = False, as_json: JsonFlag = False
-) -> None:
-    """PAL: persona-aware mixed-task SFT, then DPO against the stage-1 model's own replies.
-
-    Stage 2's rejected replies are the stage-1 model's answers without persona, its reference
-    model the stage-1 model. With `evaluate:` in the config, the trained model answers held-out
-    dialogues with Select-then-Generate. A rerun skips the stages that are done.
-    """
-    summary = pal_pipeline(_section(config, "pal"), resume, console)
-    rows: list[tuple[str, Any]] = [
-        ("persona labels", summary["labels"]),
-        ("stage-1 examples", summary["sft"]["examples"]),
-        ("stage-1 skipped", {t: n for t, n in summary["sft"]["skipped"].items() if n}),
-        ("stage 1", _loss(summary["stage1"])),
-        ("stage-1 replies", summary["rejected"]),
-        ("pairs", summary["pairs"]["pairs"]),
-        ("pairs dropped", summary["pairs"]["dropped"]),
-        ("stage 2", _loss(summary["stage2"])),
-    ]
-    evaluation = summary.get(EVAL_STAGE)
-    if evaluation:
-        rows.append(("held-out replies", {k: evaluation[k] for k in ("replies", "valid")}))
-        if "selection" in evaluation:
-            rows.append(("selection accuracy", _selection(evaluation["selection"])))
-    _report(summary, rows, as_json)
-
-
-def train_sbs_command(
-    config: ConfigRequired, resume: ResumeFlag = False, as_json: JsonFlag = False
-) -> None:
-    """SBS: score-conditioned SFT on gold replies and their one-noun augmentations.
-
-    Each augmented reply is scored by its similarity to the gold one, and every prompt ends
-    with `Score: s`. With `evaluate:` in the config, the trained model answers held-out
-    dialogues asked for `Score: 1.0`. A rerun skips the stages that are done.
-    """
-    summary = sbs_pipeline(_section(config, "sbs"), resume, console)
-    augment = summary["augment"]
-    rows: list[tuple[str, Any]] = [
-        ("responses", augment["responses"]),
-        ("nouns found / replaced", f"{augment['nouns_found']} / {augment['nouns_masked']}"),
-        ("augmentations", augment["augmentations"]),
-        ("examples", augment["examples"]),
-        ("score mean", augment["score_mean"]),
-        ("training", _loss(summary["train"])),
-    ]
-    evaluation = summary.get(EVAL_STAGE)
-    if evaluation:
-        rows.append(("held-out replies", {k: evaluation[k] for k in ("replies", "valid")}))
-    _report(summary, rows, as_json)
+    return _train_then_evaluate(config, train_sbs, evaluate_sbs, resume, console)

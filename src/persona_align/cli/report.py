@@ -1,24 +1,21 @@
 """``persona-align bench``: score systems on the same dialogues and write a benchmark report.
 
-Mounted by ``cli.py`` as the ``bench`` command. The work lives in :mod:`persona_align.report`.
+Registered by ``cli/app.py`` as the ``bench`` command; the work lives in
+:mod:`persona_align.report`.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from persona_align.data.responses import extraction_warning
+from persona_align.cli.output import console, emit, warn_extraction
 from persona_align.errors import InputError
 from persona_align.files import require_file
 
-console = Console()
 DEFAULT_METRICS = "c,ue,p,lfc,dist-1,dist-2,bleu-1,rouge-l"  # = report.DEFAULT_METRICS
 
 
@@ -126,11 +123,7 @@ def bench_command(
         console=None if as_json else console,
     )
     for system, entry in summary["systems"].items():
-        line = extraction_warning(
-            system, entry["failure_ratio"], entry["responses"], "--extraction none"
-        )
-        if line is not None:
-            print(line, file=sys.stderr)
+        warn_extraction(system, entry["failure_ratio"], entry["responses"], "--extraction none")
     files = {name: str(output / name) for name in ("report.md", "report.html", "summary.json")}
     if not as_json:
         console.print(_table(summary))
@@ -161,4 +154,4 @@ def bench_command(
             "plots": sorted(summary["plots"]),
             "timings_s": summary["timings_s"],
         }
-        print(json.dumps(result, ensure_ascii=False, sort_keys=True))
+        emit(result, as_json)

@@ -2,31 +2,27 @@
 
 Both load the model once (a checkpoint folder, a PEFT adapter folder merged into its base,
 ``embedded`` or a hub id) and answer through a reply policy of ``inference.engine``: the
-PersoBench prompt with the extracted reply (default), or the raw chat. Mounted by ``cli.py``.
+PersoBench prompt with the extracted reply (default), or the raw chat. Registered by ``cli/app.py``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
+from persona_align.cli.output import JsonFlag, console, emit, err_console
 from persona_align.errors import InputError
 
 if TYPE_CHECKING:
     from persona_align.inference.engine import ReplyPolicy
 
-console = Console()
-err_console = Console(stderr=True)
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print a JSON summary as the last line.")]
 ModelArg = Annotated[
     str,
     typer.Argument(
@@ -51,11 +47,6 @@ DtypeOpt = Annotated[
     ),
 ]
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-
-
-def _emit(summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
-        print(json.dumps(summary, ensure_ascii=False, sort_keys=True), flush=True)
 
 
 def load_policy(model_dir: str, prompt: str, dtype: str, batch_size: int = 1) -> ReplyPolicy:
@@ -142,7 +133,7 @@ def serve_command(
                 "the model (there is no authentication)"
             )
         if as_json:
-            _emit(summary | {"event": "listening"}, as_json)
+            emit(summary | {"event": "listening"}, as_json)
         else:
             console.print(
                 f"Serving [bold]{model_id}[/] ({prompt} prompt) at {server.base_url}; Ctrl-C stops"
@@ -159,7 +150,7 @@ def serve_command(
     stats = server.stats()
     if not as_json:
         console.print(f"Stopped after {stats['requests']} requests")
-    _emit(summary | stats, as_json)
+    emit(summary | stats, as_json)
 
 
 def _read_line(interactive: bool) -> Callable[[], str | None]:
@@ -216,4 +207,4 @@ def chat_command(
         summary = loop.run(_read_line(interactive))
     finally:
         policy.engine.close()
-    _emit({"command": "chat", "model": model_dir, "policy": prompt} | summary, as_json)
+    emit({"command": "chat", "model": model_dir, "policy": prompt} | summary, as_json)

@@ -89,8 +89,8 @@ def data_import_responses(
     write_records(output, candidates, Candidate)
     summary = {"command": "data import-responses", "output": str(output)} | describe(candidates)
     for name, entry in summary["responders"].items():
-        warn_extraction(name, 1 - entry["valid"] / entry["candidates"], entry["candidates"],
-              "--extraction none")  # fmt: skip
+        failed = 1 - entry["valid"] / entry["candidates"]
+        warn_extraction(name, failed, entry["candidates"], "--extraction none")
     if not as_json:
         valid = sum(c.valid for c in candidates)
         console.print(

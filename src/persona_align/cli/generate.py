@@ -99,7 +99,6 @@ def generate(
     as_json: JsonFlag = False,
 ) -> None:
     """Ask one or more responders for a reply to every dialogue; resumable through a cache."""
-    from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
     from persona_align.generation import (
         GenerationParams,
         check_calls,
@@ -107,45 +106,13 @@ def generate(
         run_responders,
     )
 
-    if config is not None:
-        if responder or dialogues or output:
-            raise InputError(None, "give either --config or --responder/--dialogues/-o, not both")
-        section = load_config(config).generate
-        if section is None:
-            raise InputError(config, "no generate: section")
-        for key in ("dialogues", "output"):
-            if getattr(section, key) is None:
-                raise InputError(config, "missing (needed by generate)", field=f"generate.{key}")
-    else:
-        if not responder or dialogues is None or output is None:
-            raise InputError(None, "generate needs --config, or --responder, --dialogues and -o")
-        defaults = {
-            "dtype": dtype,
-            "batch_size": batch_size,
-            "api_key_env": api_key_env,
-            "concurrency": concurrency,
-            "timeout": timeout,
-            "import_extraction": import_extraction,
-        }
-        specs = [parse_responder_spec(spec, **defaults) for spec in responder]
-        try:
-            params_config = ParamsConfig(
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                variant=variant,  # type: ignore[arg-type]
-                system=system,
-                extraction=extraction,  # type: ignore[arg-type]
-            )
-        except ValueError as err:
-            raise InputError(None, str(err).splitlines()[-1].strip()) from None
-        section = GenerateConfig(
-            dialogues=dialogues,
-            output=output,
-            responders=[ResponderConfig(kind=kind, **options) for kind, options in specs],
-            params=params_config,
-            cache=cache,
-            use_cache=not no_cache,
-        )
+    options = {"dtype": dtype, "batch_size": batch_size, "api_key_env": api_key_env,
+               "concurrency": concurrency, "timeout": timeout,
+               "import_extraction": import_extraction}  # fmt: skip
+    params_options = {"max_new_tokens": max_new_tokens, "temperature": temperature,
+                      "variant": variant, "system": system, "extraction": extraction}  # fmt: skip
+    section = _section(config, responder, dialogues, output, options, params_options,
+                       cache, no_cache)  # fmt: skip
     check_output_file(section.output)
     rows = read_dialogues("jsonl", section.dialogues)[:limit]
     if not rows:
@@ -161,8 +128,8 @@ def generate(
     write_records(section.output, candidates, Candidate)
     summary = {"command": "generate", "output": str(section.output)} | describe(candidates)
     for name, entry in summary["responders"].items():
-        warn_extraction(name, 1 - entry["valid"] / entry["candidates"], entry["candidates"],
-              "--import-extraction none (extraction: none on an import responder)")  # fmt: skip
+        hint = "--import-extraction none (extraction: none on an import responder)"
+        warn_extraction(name, 1 - entry["valid"] / entry["candidates"], entry["candidates"], hint)
     if not as_json:
         console.print(f"Wrote {len(candidates)} candidates to {section.output}")
         for name, entry in summary["responders"].items():
@@ -173,3 +140,43 @@ def generate(
             )
     emit(summary, as_json)
     check_calls(candidates, responders)  # exit 3 when calls still fail; a rerun retries them
+
+
+def _section(
+    config: Path | None,
+    responder: list[str],
+    dialogues: Path | None,
+    output: Path | None,
+    options: dict[str, Any],
+    params_options: dict[str, Any],
+    cache: Path | None,
+    no_cache: bool,
+) -> Any:
+    """The ``generate:`` section of ``--config``, or one built from the command's options."""
+    from persona_align.config import GenerateConfig, ParamsConfig, ResponderConfig, load_config
+
+    if config is not None:
+        if responder or dialogues or output:
+            raise InputError(None, "give either --config or --responder/--dialogues/-o, not both")
+        section = load_config(config).generate
+        if section is None:
+            raise InputError(config, "no generate: section")
+        for key in ("dialogues", "output"):
+            if getattr(section, key) is None:
+                raise InputError(config, "missing (needed by generate)", field=f"generate.{key}")
+        return section
+    if not responder or dialogues is None or output is None:
+        raise InputError(None, "generate needs --config, or --responder, --dialogues and -o")
+    specs = [parse_responder_spec(spec, **options) for spec in responder]
+    try:
+        params_config = ParamsConfig(**params_options)
+    except ValueError as err:
+        raise InputError(None, str(err).splitlines()[-1].strip()) from None
+    return GenerateConfig(
+        dialogues=dialogues,
+        output=output,
+        responders=[ResponderConfig(kind=kind, **options) for kind, options in specs],
+        params=params_config,
+        cache=cache,
+        use_cache=not no_cache,
+    )

@@ -88,22 +88,32 @@ def sections(
     summary: Mapping[str, Any], images: Mapping[str, bytes], missing: Mapping[str, str]
 ) -> list[Section]:
     """The report's content, in reading order."""
-    systems = list(summary["systems"])
+    out = [_introduction(summary), *_results(summary)]
+    for optional in (_corpus_diversity(summary), _ranking(summary), _baseline(summary)):
+        if optional is not None:
+            out.append(optional)
+    out.append(_metric_settings(summary))
+    return out + _plots(summary, images, missing)
+
+
+def _introduction(summary: Mapping[str, Any]) -> Section:
+    systems, metrics = list(summary["systems"]), list(summary["metrics"])
+    return Section(
+        summary.get("title", "Benchmark report"),
+        f"{summary.get('dialogues', '?')} dialogues{_roles(summary)}, {len(systems)} systems, "
+        f"metrics: {', '.join(metrics) or 'none'}. Means ± population standard deviation "
+        "over all replies; a failed reply (no extractable response) carries each metric's "
+        "worst value (PersoBench's convention), so the failure ratio is part of every mean. "
+        "A call that failed (a server down: no reply came back) is not the model's failure: "
+        "it is left out of every number and counted under call errors. "
+        f"Time: mean response time. Intervals: percentile bootstrap over replies, "
+        f"{summary.get('n_boot', 1000)} resamples.",
+    )
+
+
+def _results(summary: Mapping[str, Any]) -> list[Section]:
+    """The means per system, and their bootstrap intervals."""
     metrics = list(summary["metrics"])
-    n_boot = summary.get("n_boot", 1000)
-    out = [
-        Section(
-            summary.get("title", "Benchmark report"),
-            f"{summary.get('dialogues', '?')} dialogues{_roles(summary)}, {len(systems)} systems, "
-            f"metrics: {', '.join(metrics) or 'none'}. Means ± population standard deviation "
-            "over all replies; a failed reply (no extractable response) carries each metric's "
-            "worst value (PersoBench's convention), so the failure ratio is part of every mean. "
-            "A call that failed (a server down: no reply came back) is not the model's failure: "
-            "it is left out of every number and counted under call errors. "
-            f"Time: mean response time. Intervals: percentile bootstrap over replies, {n_boot} "
-            "resamples.",
-        )
-    ]
     results = Section(
         "Results",
         header=["system", "replies", "call errors", "failure ratio", "time (s)", *metrics],
@@ -114,8 +124,7 @@ def sections(
         header=["system", "failure ratio", *metrics],
         right=set(range(1, 2 + len(metrics))),
     )
-    for system in systems:
-        entry = summary["systems"][system]
+    for system, entry in summary["systems"].items():
         results.rows.append(
             [
                 system,
@@ -133,30 +142,27 @@ def sections(
                 *(_metric_cell(summary, system, m, "ci") for m in metrics),
             ]
         )
-    out += [results, intervals]
+    return [results, intervals]
 
-    corpus_keys = [k for k in ("dist-1", "dist-2") if k in metrics]
-    if corpus_keys:
-        out.append(
-            Section(
-                "Corpus-level diversity",
-                "Distinct n-grams over all of a system's valid replies / all their n-grams "
-                "(PersoBench's Dist-n); the table above holds the per-reply mean.",
-                header=["system", *corpus_keys],
-                rows=[
-                    [
-                        s,
-                        *(
-                            _num(summary["systems"][s].get("corpus", {}).get(k))
-                            for k in corpus_keys
-                        ),
-                    ]
-                    for s in systems
-                ],
-                right=set(range(1, 1 + len(corpus_keys))),
-            )
-        )
 
+def _corpus_diversity(summary: Mapping[str, Any]) -> Section | None:
+    keys = [k for k in ("dist-1", "dist-2") if k in summary["metrics"]]
+    if not keys:
+        return None
+    return Section(
+        "Corpus-level diversity",
+        "Distinct n-grams over all of a system's valid replies / all their n-grams "
+        "(PersoBench's Dist-n); the table above holds the per-reply mean.",
+        header=["system", *keys],
+        rows=[
+            [s, *(_num(entry.get("corpus", {}).get(k)) for k in keys)]
+            for s, entry in summary["systems"].items()
+        ],
+        right=set(range(1, 1 + len(keys))),
+    )
+
+
+def _ranking(summary: Mapping[str, Any]) -> Section:
     rank = summary["ranking"]
     criteria = rank["criteria"]
     text = (
@@ -167,74 +173,80 @@ def sections(
     )
     if rank["skipped"]:
         text += f" Not ranked (no value for every system): {', '.join(rank['skipped'])}."
-    out.append(
-        Section(
-            "Ranking",
-            text,
-            header=["#", "system", "mean rank", *(c.replace("_", " ") for c in criteria)],
-            rows=[
-                [
-                    str(row["position"]),
-                    row["system"],
-                    f"{row['mean_rank']:.2f}",
-                    *(_rank(row["ranks"][c]) for c in criteria),
-                ]
-                for row in rank["order"]
-            ],
-            right={0, *range(2, 3 + len(criteria))},
-        )
+    return Section(
+        "Ranking",
+        text,
+        header=["#", "system", "mean rank", *(c.replace("_", " ") for c in criteria)],
+        rows=[
+            [
+                str(row["position"]),
+                row["system"],
+                f"{row['mean_rank']:.2f}",
+                *(_rank(row["ranks"][c]) for c in criteria),
+            ]
+            for row in rank["order"]
+        ],
+        right={0, *range(2, 3 + len(criteria))},
     )
 
+
+def _baseline(summary: Mapping[str, Any]) -> Section | None:
+    """Each system minus the baseline, paired, when the report has a baseline."""
     block = summary.get("baseline")
-    if block:
-        keys = [*metrics, FAILURE]
-        rows = []
-        for system, cells in block["comparisons"].items():
-            row = [system]
-            for key in keys:
-                cell = cells.get(key)
-                if cell is None:
-                    row.append("-")
-                    continue
-                significant = cell["ci95_low"] > 0 or cell["ci95_high"] < 0
-                row.append(
-                    f"{_num(cell['mean_diff'], sign=True)} "
-                    f"{_interval(cell['ci95_low'], cell['ci95_high'], sign=True)}"
-                    f"{'*' if significant else ''} p={cell['p_value']:.3g}"
-                )
-            rows.append(row)
-        out.append(
-            Section(
-                f"Paired comparison against {block['name']}",
-                f"System minus {block['name']} on the dialogues both answered: mean difference, "
-                "paired bootstrap 95% interval over dialogues (* = the interval excludes 0) and "
-                "the two-sided p-value of a sign-flip randomization test. For the failure ratio, "
-                "lower is better.",
-                header=["system", *(k.replace("_", " ") for k in keys)],
-                rows=rows,
-                right=set(range(1, 1 + len(keys))),
+    if not block:
+        return None
+    keys = [*summary["metrics"], FAILURE]
+    rows = []
+    for system, cells in block["comparisons"].items():
+        row = [system]
+        for key in keys:
+            cell = cells.get(key)
+            if cell is None:
+                row.append("-")
+                continue
+            significant = cell["ci95_low"] > 0 or cell["ci95_high"] < 0
+            row.append(
+                f"{_num(cell['mean_diff'], sign=True)} "
+                f"{_interval(cell['ci95_low'], cell['ci95_high'], sign=True)}"
+                f"{'*' if significant else ''} p={cell['p_value']:.3g}"
             )
-        )
-
-    out.append(
-        Section(
-            "Metrics",
-            "Settings: what the values were computed with (the score cache keys on them); "
-            "version = a hash of the model's weights.",
-            header=["metric", "model", "settings", "status", "description"],
-            rows=[
-                [
-                    name,
-                    info["model"] or "-",
-                    _settings(info.get("settings")),
-                    "available" if info["available"] else f"unavailable: {info['reason']}",
-                    info["description"],
-                ]
-                for name, info in summary["metrics"].items()
-            ],
-        )
+        rows.append(row)
+    return Section(
+        f"Paired comparison against {block['name']}",
+        f"System minus {block['name']} on the dialogues both answered: mean difference, "
+        "paired bootstrap 95% interval over dialogues (* = the interval excludes 0) and "
+        "the two-sided p-value of a sign-flip randomization test. For the failure ratio, "
+        "lower is better.",
+        header=["system", *(k.replace("_", " ") for k in keys)],
+        rows=rows,
+        right=set(range(1, 1 + len(keys))),
     )
+
+
+def _metric_settings(summary: Mapping[str, Any]) -> Section:
+    return Section(
+        "Metrics",
+        "Settings: what the values were computed with (the score cache keys on them); "
+        "version = a hash of the model's weights.",
+        header=["metric", "model", "settings", "status", "description"],
+        rows=[
+            [
+                name,
+                info["model"] or "-",
+                _settings(info.get("settings")),
+                "available" if info["available"] else f"unavailable: {info['reason']}",
+                info["description"],
+            ]
+            for name, info in summary["metrics"].items()
+        ],
+    )
+
+
+def _plots(
+    summary: Mapping[str, Any], images: Mapping[str, bytes], missing: Mapping[str, str]
+) -> list[Section]:
     training = summary.get("training")
+    out = []
     for key, caption in PLOTS.items():
         if key in images:
             text = ""

@@ -132,19 +132,37 @@ def fit_pair_classifier(
     (class balance). ``targets``: a label distribution per example (a teacher's, for
     distillation) trained towards instead of ``labels``. ``max_steps`` stops early.
     """
+    settings.check()
+    model, tokenizer, config = _trainable_model(settings, label_names, what)
+    encoded = tokenizer(
+        [a for a, _ in pairs], [b for _, b in pairs], truncation=True,
+        max_length=settings.max_length,
+    )  # fmt: skip
+    rows = [
+        {**{key: encoded[key][i] for key in encoded}, "labels": label, "weight": weight}
+        for i, (label, weight) in enumerate(
+            zip(labels, weights if weights is not None else [1.0] * len(pairs), strict=True)
+        )
+    ]
+    if targets is not None:
+        for row, target in zip(rows, targets, strict=True):
+            row["targets"] = list(target)
+    batches = _PlannedBatches([len(ids) for ids in encoded["input_ids"]], settings)
+    began = time.perf_counter()
+    losses = _train(model, tokenizer, rows, batches, settings, progress, what)
+    model.eval()
+    return model.cpu(), tokenizer, config, losses, time.perf_counter() - began
+
+
+def _trainable_model(
+    settings: FitSettings, label_names: Sequence[str], what: str
+) -> tuple[Any, Any, Any]:
+    """(LoRA model placed by the device policy, tokenizer, config) over the base's first
+    ``settings.layers`` layers: a fresh adapter, or ``settings.init`` continued."""
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import (
-        AutoConfig,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainingArguments,
-    )
-    from transformers.trainer_callback import PrinterCallback
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from persona_align.training.pair_trainer import PairCollator, PairTrainer, Progress
-
-    settings.check()
     try:
         location = resolve(settings.base).location
     except InputError as err:
@@ -184,26 +202,28 @@ def fit_pair_classifier(
             model = _continue_from(base_model, settings.init, label_names)
     model.peft_config["default"].base_model_name_or_path = settings.base
     devices.place(model, what)
+    return model, tokenizer, config
 
-    encoded = tokenizer(
-        [a for a, _ in pairs], [b for _, b in pairs], truncation=True,
-        max_length=settings.max_length,
-    )  # fmt: skip
-    rows = [
-        {**{key: encoded[key][i] for key in encoded}, "labels": label, "weight": weight}
-        for i, (label, weight) in enumerate(
-            zip(labels, weights if weights is not None else [1.0] * len(pairs), strict=True)
-        )
-    ]
-    if targets is not None:
-        for row, target in zip(rows, targets, strict=True):
-            row["targets"] = list(target)
-    batches = _PlannedBatches([len(ids) for ids in encoded["input_ids"]], settings)
+
+def _train(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    batches: _PlannedBatches,
+    settings: FitSettings,
+    progress: Any,
+    what: str,
+) -> list[float]:
+    """Run the HF Trainer over the planned batches; the loss of every step."""
+    from transformers import TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from persona_align.training.pair_trainer import PairCollator, PairTrainer, Progress
+
     steps = settings.epochs * len(batches)
     if settings.max_steps is not None:
         steps = min(steps, settings.max_steps)
     losses: list[float] = []
-    began = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch, progress_bar(progress, what, steps) as advance:
         trainer = PairTrainer(
             model=model,
@@ -235,8 +255,7 @@ def fit_pair_classifier(
         )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
-    model.eval()
-    return model.cpu(), tokenizer, config, losses, time.perf_counter() - began
+    return losses
 
 
 class _PlannedBatches:

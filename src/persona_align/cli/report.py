@@ -125,33 +125,37 @@ def bench_command(
     for system, entry in summary["systems"].items():
         warn_extraction(system, entry["failure_ratio"], entry["responses"], "--extraction none")
     files = {name: str(output / name) for name in ("report.md", "report.html", "summary.json")}
-    if not as_json:
-        console.print(_table(summary))
-        for name, info in summary["metrics"].items():
-            if not info["available"]:
-                console.print(f"[yellow]{name}: unavailable: {info['reason']}[/yellow]")
-        for key, reason in summary["plots_missing"].items():
-            console.print(f"[dim]plot {key} not drawn: {reason}[/dim]")
-        timing = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items())
-        console.print(f"Wrote {', '.join(files.values())} ({timing})")
     if as_json:
-        result = {
-            "command": "bench",
-            "output": str(output),
-            "dialogues": summary["dialogues"],
-            "files": files,
-            "metrics": summary["metrics"],
-            "ranking": [row["system"] for row in summary["ranking"]["order"]],
-            "systems": {
-                name: {
-                    "errors": entry["errors"],
-                    "failure_ratio": entry["failure_ratio"],
-                    "mean_latency_s": entry["mean_latency_s"],
-                    "means": {m: (c["mean"] if c else None) for m, c in entry["metrics"].items()},
-                }
-                for name, entry in summary["systems"].items()
-            },
-            "plots": sorted(summary["plots"]),
-            "timings_s": summary["timings_s"],
-        }
-        emit(result, as_json)
+        emit(_json_summary(summary, output, files), as_json)
+        return
+    console.print(_table(summary))
+    for name, info in summary["metrics"].items():
+        if not info["available"]:
+            console.print(f"[yellow]{name}: unavailable: {info['reason']}[/yellow]")
+    for key, reason in summary["plots_missing"].items():
+        console.print(f"[dim]plot {key} not drawn: {reason}[/dim]")
+    timing = ", ".join(f"{k} {v:.1f}s" for k, v in summary["timings_s"].items())
+    console.print(f"Wrote {', '.join(files.values())} ({timing})")
+
+
+def _json_summary(summary: dict[str, Any], output: Path, files: dict[str, str]) -> dict[str, Any]:
+    """The ``--json`` line: where the report went, each system's means, the ranking."""
+    return {
+        "command": "bench",
+        "output": str(output),
+        "dialogues": summary["dialogues"],
+        "files": files,
+        "metrics": summary["metrics"],
+        "ranking": [row["system"] for row in summary["ranking"]["order"]],
+        "systems": {
+            name: {
+                "errors": entry["errors"],
+                "failure_ratio": entry["failure_ratio"],
+                "mean_latency_s": entry["mean_latency_s"],
+                "means": {m: (c["mean"] if c else None) for m, c in entry["metrics"].items()},
+            }
+            for name, entry in summary["systems"].items()
+        },
+        "plots": sorted(summary["plots"]),
+        "timings_s": summary["timings_s"],
+    }

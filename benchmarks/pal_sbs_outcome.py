@@ -3,8 +3,8 @@
 Both methods train the embedded SmolLM2-135M-Instruct on dialogues of PersoDPO's FoCus prompts
 (``prompts/train.csv``) and answer held-out dialogues of ``prompts/valid.csv`` (the first
 ``--eval-n``): PAL with Select-then-Generate, SBS with ``Score: 1.0`` in the prompt. The base
-model answers the same dialogues with the PersoBench prompt. Reported per system: C (NLI per
-persona sentence, max; failures -1), BLEU-1, ROUGE-L, Dist-1/2 (per reply and over the corpus),
+model answers the same dialogues with the PersoBench prompt. Reported per system: C (the C
+judge, ``c``'s default; failures -1), BLEU-1, ROUGE-L, Dist-1/2 (per reply and over the corpus),
 failure ratio, with bootstrap 95% intervals, and each method's paired difference from the base
 model (bootstrap interval, sign-flip p-value). Persona selection accuracy: PAL's pass 1 against
 the base model's answer to the same select prompt and against always answering none (the
@@ -218,7 +218,7 @@ def score(
     candidates: list[Candidate],
     timings: Timings,
 ) -> tuple[list[Any], dict[str, Any]]:
-    metrics = [make_metric("c", mode="max")] + [make_metric(m) for m in METRICS[1:]]
+    metrics = [make_metric(m) for m in METRICS]
     cached = (args.work / "scores.sqlite").exists()
     began = time.perf_counter()
     statuses = prepare_metrics(metrics, held_out)

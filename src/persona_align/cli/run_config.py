@@ -6,14 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from persona_align.cli.output import (
-    JsonFlag,
-    console,
-    emit,
-)
+from persona_align.cli.output import JsonFlag, console, emit, err_console
 from persona_align.errors import InputError
 
 
@@ -44,7 +39,7 @@ def run_pipeline(
     if methods:
         _run_methods(loaded, methods, start, as_json)
         return
-    pipeline = Pipeline(loaded, config, Console(stderr=True))
+    pipeline = Pipeline(loaded, config, err_console)
     summary = pipeline.run(start)
     if not as_json:
         table = Table("stage", "status", "outputs", title=f"run {pipeline.root}",
@@ -66,8 +61,7 @@ def _run_methods(config: Any, methods: list[str], start: str | None, as_json: bo
         raise InputError(None, "--from applies to pipeline stages; a method skips finished "
                          "stages by itself (delete a stage's folder to redo it)")  # fmt: skip
     runners = {"pal": pal_pipeline, "sbs": sbs_pipeline}
-    err = Console(stderr=True)
-    summary = {"command": "run", "methods": {m: runners[m](getattr(config, m), True, err)
+    summary = {"command": "run", "methods": {m: runners[m](getattr(config, m), True, err_console)
                                              for m in methods}}  # fmt: skip
     if not as_json:
         for method, entry in summary["methods"].items():

@@ -67,16 +67,17 @@ def device_defaults() -> DeviceDefaults:
     return DeviceDefaults(where, "fp32", False)
 
 
+SHARE_NEEDS_CACHE = (
+    "share_prompt needs the key/value cache, which gradient checkpointing turns off; "
+    "set one of them to false"
+)
+
+
 def memory_settings(config: TrainConfig) -> tuple[bool, bool]:
     """(gradient checkpointing, share_prompt): an explicit choice of one sets the default of the
     other; both on is refused (checkpointed layers run without the cache sharing needs)."""
     if config.gradient_checkpointing and config.share_prompt:
-        raise InputError(
-            None,
-            "share_prompt needs the key/value cache, which gradient_checkpointing turns off; "
-            "set one of them to false",
-            field="train.share_prompt",
-        )
+        raise InputError(None, SHARE_NEEDS_CACHE, field="train.share_prompt")
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
         checkpointing = device_defaults().gradient_checkpointing and not config.share_prompt

@@ -27,7 +27,12 @@ from trl import DPOConfig, DPOTrainer
 from persona_align.config import TrainConfig
 from persona_align.errors import InputError
 from persona_align.records import PreferencePair, read_records
-from persona_align.training.common import TrainingSet, memory_settings, train_rows
+from persona_align.training.common import (
+    SHARE_NEEDS_CACHE,
+    TrainingSet,
+    memory_settings,
+    train_rows,
+)
 
 WEIGHT_KEY = "pair_weight"
 
@@ -63,12 +68,6 @@ class WeightedDPOConfig(DPOConfig):
             self.share_prompt = not self.activation_checkpointing
         elif self.share_prompt and self.activation_checkpointing:
             raise ValueError(SHARE_NEEDS_CACHE)
-
-
-SHARE_NEEDS_CACHE = (
-    "share_prompt needs the key/value cache, which activation checkpointing turns off; "
-    "set one of them to false"
-)
 
 
 class _WeightedCollator:

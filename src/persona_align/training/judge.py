@@ -200,8 +200,8 @@ def train_judge(
     ``labelled_weight``: what one read-and-labelled item counts against one DNLI pair or
     pseudo-labelled coherence example (there are far fewer of them, and they are the target).
     ``teacher`` (C): a judge whose label distributions the new one learns (distillation: a
-    smaller, faster judge of the same quality) — half its distribution, half the label for
-    labelled items; its distribution alone for DNLI pairs and the ``unlabelled`` replies.
+    smaller, faster judge of the same quality) — half its distribution, half the known label for
+    read items and DNLI pairs; its distribution alone for the ``unlabelled`` replies.
     """
     if task not in TASKS:
         raise InputError(None, f"judge task must be one of {', '.join(TASKS)}, got {task!r}")

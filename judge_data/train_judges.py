@@ -36,6 +36,16 @@ def coherence_dialogues() -> list:
     return focus + sample + chat
 
 
+def c_data(assembled: Path) -> dict:
+    """What every C judge trains on (read items, DNLI) and is reported on (the held-out sets)."""
+    return {
+        "train": [assembled / "c-train.jsonl"],
+        "dnli": read_nli(build.DATA / "nli/dnli_songhaoyu_RCDG/nli-train.txt", "dnli"),
+        "dev": [build.DATA / "persona-consistency/focus-dev.jsonl",
+                assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
+    }  # fmt: skip
+
+
 def main() -> None:
     task, out = sys.argv[1], Path(sys.argv[2])
     console = Console()
@@ -50,11 +60,8 @@ def main() -> None:
             progress=console,
         )  # fmt: skip
     elif task == "c":
-        dnli = read_nli(build.DATA / "nli/dnli_songhaoyu_RCDG/nli-train.txt", "dnli")
         result = train_judge(
-            "c", out, train=[assembled / "c-train.jsonl"], dnli=dnli,
-            dev=[build.DATA / "persona-consistency/focus-dev.jsonl",
-                 assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
+            "c", out, **c_data(assembled),
             settings=FitSettings(epochs=4, lr=5e-4, batch_size=32, max_length=256, bf16=True,
                                  init="embedded-nli"),
             progress=console,
@@ -62,13 +69,10 @@ def main() -> None:
     elif task == "c-small":
         # the shipped c judge's first 4 layers, trained towards its label distributions (half
         # and half with the known label) on the same data plus unlabelled FoCus valid replies:
-        # 2/3 of the forward cost for the same quality
+        # 2/3 of the forward cost (benchmarks/RESULTS.md: 1.33x, one accuracy target missed)
         teacher = sys.argv[4] if len(sys.argv) > 4 else str(SHIPPED_C)
-        dnli = read_nli(build.DATA / "nli/dnli_songhaoyu_RCDG/nli-train.txt", "dnli")
         result = train_judge(
-            "c", out, train=[assembled / "c-train.jsonl"], dnli=dnli,
-            dev=[build.DATA / "persona-consistency/focus-dev.jsonl",
-                 assembled / "c-dev-self.jsonl", assembled / "c-edits-eval.jsonl"],
+            "c", out, **c_data(assembled),
             settings=FitSettings(epochs=2, lr=5e-4, batch_size=32, max_length=256, bf16=True,
                                  init=teacher, layers=4),
             teacher=teacher, unlabelled=[assembled / "c-unlabelled.jsonl"], progress=console,
